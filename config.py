@@ -1,0 +1,215 @@
+"""Exchange configuration: one dataclass tree with defaults, and a strict JSON loader.
+
+Every key is optional; an unknown key or a value of the wrong type is a ``ConfigError``
+that names the key by its path (``risk.max_order_qty``), so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+MONEY_SCALE = 10**8  # money units per currency unit: accounting is exact integers
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key's path in the message."""
+
+
+@dataclass(slots=True)
+class InstrumentConfig:
+    symbol: str = "SIM"
+    tick_size: str = "0.01"  # currency per price tick, a decimal string so it stays exact
+    lot_size: int = 1  # units of the instrument per lot
+    reference_price: int = 10_000  # ticks; the price band's centre before the first trade
+    price_band_pct: float = 10.0  # limit prices further than this from the reference reject
+
+    @property
+    def tick_value(self) -> int:
+        """Money units that one lot moving one tick is worth."""
+        return int(Decimal(self.tick_size) * self.lot_size * MONEY_SCALE)
+
+    @property
+    def band_bps(self) -> int:
+        return round(self.price_band_pct * 100)
+
+
+@dataclass(slots=True)
+class RiskConfig:
+    max_order_qty: int = 1_000
+    max_position: int = 5_000  # absolute lots, counting every open order filling
+    max_open_orders: int = 200  # per trader, all symbols, stop orders included
+    rate_limit_per_sec: float = 500.0  # sustained new/amend/cancel messages per trader
+    rate_limit_burst: int = 1_000
+
+
+@dataclass(slots=True)
+class FeeConfig:
+    maker_fee_bps: float = 0.0  # negative is a rebate paid to the maker
+    taker_fee_bps: float = 1.0
+
+    @property
+    def maker_ppm(self) -> int:
+        return round(self.maker_fee_bps * 100)
+
+    @property
+    def taker_ppm(self) -> int:
+        return round(self.taker_fee_bps * 100)
+
+
+@dataclass(slots=True)
+class MarginConfig:
+    enabled: bool = True
+    initial_cash: float = 1_000_000.0  # currency each trader starts with
+    initial_margin_pct: float = 10.0  # of the worst-case notional, to open orders
+    maintenance_margin_pct: float = 5.0  # of the position's notional, to keep it
+
+    @property
+    def initial_bps(self) -> int:
+        return round(self.initial_margin_pct * 100)
+
+    @property
+    def maintenance_bps(self) -> int:
+        return round(self.maintenance_margin_pct * 100)
+
+    @property
+    def initial_cash_units(self) -> int:
+        return int(Decimal(str(self.initial_cash)) * MONEY_SCALE)
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """Settings of the exchange process (the engine never reads these)."""
+
+    cancel_on_disconnect: bool = True
+    leaderboard_interval_s: float = 1.0
+    performance_interval_s: float = 5.0
+    max_message_bytes: int = 65_536
+
+
+@dataclass(slots=True)
+class ExchangeConfig:
+    instruments: list[InstrumentConfig] = field(default_factory=lambda: [InstrumentConfig()])
+    risk: RiskConfig = field(default_factory=RiskConfig)
+    fees: FeeConfig = field(default_factory=FeeConfig)
+    margin: MarginConfig = field(default_factory=MarginConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def instrument(self, symbol: str) -> InstrumentConfig | None:
+        for instrument in self.instruments:
+            if instrument.symbol == symbol:
+                return instrument
+        return None
+
+
+def validate(config: ExchangeConfig) -> None:
+    """Range checks that types alone cannot express."""
+    if not config.instruments:
+        raise ConfigError("instruments: at least one instrument is required")
+    seen: set[str] = set()
+    for i, inst in enumerate(config.instruments):
+        where = f"instruments[{i}]"
+        if not inst.symbol or inst.symbol in seen:
+            raise ConfigError(f"{where}.symbol: must be non-empty and unique, got {inst.symbol!r}")
+        seen.add(inst.symbol)
+        try:
+            tick = Decimal(inst.tick_size)
+        except InvalidOperation:
+            raise ConfigError(f"{where}.tick_size: not a decimal number: {inst.tick_size!r}") \
+                from None
+        if tick <= 0 or (tick * inst.lot_size * MONEY_SCALE) % 1:
+            raise ConfigError(f"{where}.tick_size: must be positive with at most 8 decimals")
+        _positive(f"{where}.lot_size", inst.lot_size)
+        _positive(f"{where}.reference_price", inst.reference_price)
+        _positive(f"{where}.price_band_pct", inst.price_band_pct)
+    for name in ("max_order_qty", "max_position", "max_open_orders", "rate_limit_per_sec",
+                 "rate_limit_burst"):
+        _positive(f"risk.{name}", getattr(config.risk, name))
+    margin = config.margin
+    if not 0 <= margin.maintenance_margin_pct <= margin.initial_margin_pct <= 100:
+        raise ConfigError("margin: need 0 <= maintenance_margin_pct <= initial_margin_pct <= 100")
+    if margin.initial_cash < 0:
+        raise ConfigError("margin.initial_cash: must not be negative")
+
+
+def _positive(path: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{path}: must be positive, got {value!r}")
+
+
+def _convert(value: Any, hint: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        return [_convert(item, item_hint, f"{path}[{i}]") for i, item in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if hint is bool:
+        if type(value) is not bool:
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if type(value) is not int:
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if type(value) not in (int, float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: Any, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        where = path or "config"
+        raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else key
+        if key not in known:
+            raise ConfigError(f"{key_path}: unknown key (known: {', '.join(sorted(known))})")
+        kwargs[key] = _convert(value, hints[key], key_path)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path or 'config'}: {exc}") from None
+
+
+def config_from_dict(data: dict[str, Any]) -> ExchangeConfig:
+    return _build(ExchangeConfig, data, "")
+
+
+def load_config(path: str | Path | None) -> ExchangeConfig:
+    """Load a JSON config file; ``None`` gives the built-in defaults."""
+    if path is None:
+        return ExchangeConfig()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    return config_from_dict(data)

@@ -1,0 +1,629 @@
+"""The matching engine: commands in, events out, nothing else.
+
+``Engine.process(command, ts)`` applies one command at time ``ts`` (microseconds, given
+by the caller: the engine never reads a clock) and returns the events it produced, in
+order. The same commands with the same timestamps always give the same events and the
+same ``state_hash()``; nothing here depends on wall time, hash order or randomness.
+
+After a command's own work, the engine settles its consequences before returning:
+stop orders whose trigger price printed enter the book one by one, as if just sent,
+and traders whose equity fell below maintenance margin are liquidated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from config import ExchangeConfig
+from margin_risk_manager import MarginRiskManager
+from models import (
+    AmendOrder,
+    AmendRejected,
+    BookAction,
+    BookChanged,
+    CancelAll,
+    CancelOrder,
+    CancelReason,
+    CancelRejected,
+    Command,
+    Event,
+    MarketStatusChanged,
+    NewOrder,
+    OrderAccepted,
+    OrderAmended,
+    OrderCanceled,
+    OrderRejected,
+    OrderTriggered,
+    OrderType,
+    PositionChanged,
+    RejectCode,
+    SetMarketOpen,
+    Side,
+    StpMode,
+    TimeInForce,
+    Trade,
+    TraderStatus,
+    TraderStatusChanged,
+)
+from orderbook import Order, OrderBook
+from positions import Ledger, PositionReport
+from risk_manager import Reject, RiskManager, TraderState, band_limit, check_price_band
+
+_BUY, _SELL = 0, 1  # indexes into TraderState.exposure lists
+_MARKET_LIKE = (OrderType.MARKET, OrderType.STOP)
+
+
+class StopBook:
+    """Stop orders waiting for a trade at or through their stop price, outside the book.
+
+    Heaps keyed so the first to trigger is on top; canceled entries are skipped lazily
+    (their ``leaves_qty`` is 0).
+    """
+
+    def __init__(self) -> None:
+        self.buy_stops: list[tuple[int, int, Order]] = []  # (stop, id): trigger on >= stop
+        self.sell_stops: list[tuple[int, int, Order]] = []  # (-stop, id): trigger on <= stop
+
+    def add(self, order: Order) -> None:
+        assert order.stop_price is not None
+        if order.is_buy:
+            heapq.heappush(self.buy_stops, (order.stop_price, order.order_id, order))
+        else:
+            heapq.heappush(self.sell_stops, (-order.stop_price, order.order_id, order))
+
+    def pop_triggered(self, last_price: int) -> list[Order]:
+        """Orders whose stop the trade price ``last_price`` reached, in trigger order:
+        by stop price nearest the market first, then by arrival."""
+        triggered = []
+        buys, sells = self.buy_stops, self.sell_stops
+        while buys and buys[0][0] <= last_price:
+            order = heapq.heappop(buys)[2]
+            if order.leaves_qty:
+                triggered.append(order)
+        while sells and -sells[0][0] >= last_price:
+            order = heapq.heappop(sells)[2]
+            if order.leaves_qty:
+                triggered.append(order)
+        return triggered
+
+    def live_orders(self) -> list[Order]:
+        return sorted((entry[2] for entry in self.buy_stops + self.sell_stops
+                       if entry[2].leaves_qty), key=lambda order: order.order_id)
+
+
+class Engine:
+    """All instruments, all traders; one command at a time."""
+
+    def __init__(self, config: ExchangeConfig | None = None) -> None:
+        self.config = config = config or ExchangeConfig()
+        self.symbols = [instrument.symbol for instrument in config.instruments]
+        self.books = {symbol: OrderBook(symbol) for symbol in self.symbols}
+        self.stop_books = {symbol: StopBook() for symbol in self.symbols}
+        self.market_open = dict.fromkeys(self.symbols, True)
+        self.tick_values = {i.symbol: i.tick_value for i in config.instruments}
+        self.band_bps = {i.symbol: i.band_bps for i in config.instruments}
+        self.reference_prices = {i.symbol: i.reference_price for i in config.instruments}
+        self.last_prices: dict[str, int | None] = dict.fromkeys(self.symbols)
+        self.ledger = Ledger(config.margin.initial_cash_units, self.tick_values)
+        self.risk = RiskManager(config.risk)
+        self.margin = MarginRiskManager(config.margin, self.ledger)
+        self.maker_ppm = config.fees.maker_ppm
+        self.taker_ppm = config.fees.taker_ppm
+        self.traders: dict[str, TraderState] = {}
+        self.orders: dict[int, Order] = {}  # every live order: resting or waiting stop
+        self.next_order_id = 1
+        self.next_trade_id = 1
+        self._events: list[Any] = []
+        self._ts = 0
+        self._triggered: deque[Order] = deque()
+        self._moved: dict[str, None] = {}  # symbols to settle: a trade printed or a stop came
+        self._liquidating: dict[str, None] = {}
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            NewOrder: self._new_order,
+            CancelOrder: self._cancel,
+            AmendOrder: self._amend,
+            CancelAll: self._cancel_all,
+            SetMarketOpen: self._set_market_open,
+        }
+
+    # ================================================================= entry point
+
+    def process(self, command: Command, ts: int) -> list[Event]:
+        """Apply one command at time ``ts``; return the events it caused, in order."""
+        self._events = events = []
+        self._ts = ts
+        self._handlers[type(command)](command)
+        if self._moved or self._triggered:
+            self._settle()
+        return events
+
+    # ================================================================= queries
+
+    def trader(self, trader_id: str) -> TraderState:
+        trader = self.traders.get(trader_id)
+        if trader is None:
+            trader = self.traders[trader_id] = self.risk.new_trader(trader_id)
+        return trader
+
+    def mark_price(self, symbol: str) -> int:
+        """Last trade; before any trade the mid; with a one-sided book the reference."""
+        last = self.last_prices[symbol]
+        if last is not None:
+            return last
+        book = self.books[symbol]
+        bid, ask = book.best_bid(), book.best_ask()
+        if bid is not None and ask is not None:
+            return (bid + ask) // 2
+        return self.reference_prices[symbol]
+
+    def marks(self) -> dict[str, int]:
+        return {symbol: self.mark_price(symbol) for symbol in self.symbols}
+
+    def reference_price(self, symbol: str) -> int:
+        """The price band's centre: the last trade, else the configured reference."""
+        last = self.last_prices[symbol]
+        return self.reference_prices[symbol] if last is None else last
+
+    def open_orders(self, trader_id: str, symbol: str | None = None) -> list[Order]:
+        trader = self.traders.get(trader_id)
+        if trader is None:
+            return []
+        return sorted((o for o in trader.live_orders.values()
+                       if symbol is None or o.symbol == symbol), key=lambda o: o.order_id)
+
+    def position_report(self, trader_id: str, symbol: str) -> PositionReport:
+        return self.ledger.report(trader_id, symbol, self.marks())
+
+    def trader_status(self, trader_id: str) -> TraderStatus:
+        trader = self.traders.get(trader_id)
+        return trader.status if trader else TraderStatus.OK
+
+    def margin_used(self, trader_id: str) -> int:
+        return self.margin.margin_used(trader_id, self.marks())
+
+    def leaderboard(self) -> list[dict[str, Any]]:
+        """Every trader that has an account, best equity first (ties by trader id)."""
+        marks = self.marks()
+        rows = []
+        for trader_id, account in self.ledger.accounts.items():
+            rows.append({
+                "trader_id": trader_id,
+                "position": sum(p.qty for p in account.positions.values()),
+                "cash": account.cash,
+                "realized_pnl": sum(p.realized for p in account.positions.values()),
+                "equity": self.ledger.equity(trader_id, marks),
+            })
+        rows.sort(key=lambda row: (-row["equity"], row["trader_id"]))
+        return rows
+
+    # ================================================================= checks
+
+    def validate(self) -> None:
+        """Assert the engine's invariants (every book's, and the indexes that tie
+        orders, traders and exposure together)."""
+        live_ids: set[int] = set()
+        for symbol, book in self.books.items():
+            book.validate()
+            live_ids.update(book.resting_orders)
+            stops = self.stop_books[symbol].live_orders()
+            live_ids.update(order.order_id for order in stops)
+        assert live_ids == set(self.orders), "engine order index disagrees with the books"
+        for trader_id, trader in self.traders.items():
+            exposure: dict[str, list[int]] = {}
+            for client_order_id, order in trader.live_orders.items():
+                assert order.trader_id == trader_id and order.client_order_id == client_order_id
+                assert self.orders.get(order.order_id) is order, f"{order} is not indexed"
+                side = exposure.setdefault(order.symbol, [0, 0])
+                side[_BUY if order.is_buy else _SELL] += order.leaves_qty
+            for symbol, (buy, sell) in trader.exposure.items():
+                assert [buy, sell] == exposure.get(symbol, [0, 0]), \
+                    f"{trader_id} {symbol} exposure {[buy, sell]} != open orders {exposure}"
+        assert sum(len(t.live_orders) for t in self.traders.values()) == len(self.orders)
+
+    def state_tuple(self) -> tuple:
+        traders = tuple(
+            (trader_id, t.status.value, t.rate_tokens, t.rate_ts,
+             tuple(sorted((s, tuple(q)) for s, q in t.exposure.items())))
+            for trader_id, t in sorted(self.traders.items()))
+        stops = tuple(
+            (symbol, tuple((o.order_id, o.trader_id, o.client_order_id, o.side.value,
+                            o.order_type.value, o.stop_price, o.price, o.qty, o.leaves_qty)
+                           for o in self.stop_books[symbol].live_orders()))
+            for symbol in self.symbols)
+        return (self.next_order_id, self.next_trade_id,
+                tuple(self.books[s].state_tuple() for s in self.symbols), stops,
+                tuple(sorted(self.last_prices.items())),
+                tuple(sorted(self.market_open.items())),
+                self.ledger.state_tuple(), traders)
+
+    def state_hash(self) -> str:
+        return hashlib.sha256(repr(self.state_tuple()).encode()).hexdigest()
+
+    # ================================================================= new orders
+
+    def _new_order(self, cmd: NewOrder) -> None:
+        trader = self.trader(cmd.trader_id)
+        reject = self._check_new_order(cmd, trader)
+        if reject is not None:
+            self._events.append(OrderRejected(self._ts, cmd.trader_id, cmd.client_order_id,
+                                              reject[0], reject[1]))
+            return
+        order = Order(self.next_order_id, cmd.trader_id, cmd.client_order_id, cmd.symbol,
+                      cmd.side, cmd.order_type, cmd.price, cmd.qty, cmd.tif, cmd.post_only,
+                      cmd.stp, cmd.stop_price, self._ts)
+        self.next_order_id += 1
+        self._accept(order, trader)
+        if cmd.stop_price is not None:
+            self.stop_books[cmd.symbol].add(order)
+            self._moved[cmd.symbol] = None  # it may already be through its stop
+        else:
+            self._execute(order, self.books[cmd.symbol])
+
+    def _check_new_order(self, cmd: NewOrder, trader: TraderState) -> Reject | None:
+        symbol = cmd.symbol
+        book = self.books.get(symbol)
+        if book is None:
+            return RejectCode.UNKNOWN_SYMBOL, f"unknown symbol {symbol!r}"
+        if not self.market_open[symbol]:
+            return RejectCode.MARKET_CLOSED, f"{symbol} is closed for trading"
+        if trader.status is not TraderStatus.OK:
+            return RejectCode.TRADER_LIQUIDATING, "the trader is being liquidated"
+        if cmd.client_order_id in trader.live_orders:
+            return (RejectCode.DUPLICATE_CLIENT_ORDER_ID,
+                    f"client_order_id {cmd.client_order_id!r} is already live")
+        reject = self.risk.take_rate_token(trader, self._ts)
+        if reject is not None:
+            return reject
+        is_buy = cmd.side is Side.BUY
+        position = self._position(trader.trader_id, symbol)
+        reject = self.risk.check_order(trader, symbol, is_buy, cmd.qty, cmd.qty, position, 1)
+        if reject is not None:
+            return reject
+        if cmd.order_type is OrderType.LIMIT:
+            reject = check_price_band(cmd.price, self.reference_price(symbol),  # type: ignore[arg-type]
+                                      self.band_bps[symbol])
+            if reject is not None:
+                return reject
+        reject = self.margin.check_order(trader, symbol, is_buy, cmd.qty, self.marks()) \
+            if self.margin.enabled else None
+        if reject is not None:
+            return reject
+        if cmd.post_only and book.would_cross(is_buy, cmd.price):
+            return (RejectCode.POST_ONLY_WOULD_CROSS,
+                    f"post-only {cmd.side.value} at {cmd.price} would trade on arrival")
+        return None
+
+    def _position(self, trader_id: str, symbol: str) -> int:
+        account = self.ledger.accounts.get(trader_id)
+        if account is None:
+            return 0
+        position = account.positions.get(symbol)
+        return position.qty if position else 0
+
+    def _accept(self, order: Order, trader: TraderState) -> None:
+        self.orders[order.order_id] = order
+        trader.live_orders[order.client_order_id] = order
+        trader.open_qty(order.symbol)[_BUY if order.is_buy else _SELL] += order.qty
+        self._events.append(OrderAccepted(
+            self._ts, order.order_id, order.trader_id, order.client_order_id, order.symbol,
+            order.side, order.order_type, order.price, order.stop_price, order.qty, order.tif,
+            order.post_only, order.liquidation))
+
+    def _execute(self, order: Order, book: OrderBook) -> None:
+        """Match an incoming (or re-entering) order, then rest or cancel what is left."""
+        is_buy = order.is_buy
+        if order.order_type in _MARKET_LIKE:
+            # market orders trade no further than the band's edge: a thin book cannot
+            # fill them at any price, and margin checks have a worst case to count on
+            symbol = order.symbol
+            limit = band_limit(is_buy, self.reference_price(symbol), self.band_bps[symbol])
+        else:
+            limit = order.price
+        if order.tif is TimeInForce.FOK and \
+                book.fillable_qty(order, limit, order.leaves_qty) < order.leaves_qty:
+            self._cancel_unrested(order, CancelReason.FOK)
+            return
+        stopped = book.would_cross(is_buy, limit) and book.match(order, limit, self)
+        if not order.leaves_qty:
+            self._forget(order)
+        elif stopped:
+            self._cancel_unrested(order, CancelReason.SELF_TRADE)
+        elif order.tif is TimeInForce.GTC and order.order_type not in _MARKET_LIKE:
+            level_qty = book.add(order)
+            self._events.append(BookChanged(order.symbol, BookAction.ADD, order.order_id,
+                                            order.side, order.price, order.leaves_qty,  # type: ignore[arg-type]
+                                            level_qty))
+        else:
+            self._cancel_unrested(order, CancelReason.IOC)
+
+    # ================================================================= match sink
+
+    def on_fill(self, maker: Order, taker: Order, price: int, qty: int, level_qty: int) -> None:
+        ts = self._ts
+        events = self._events
+        symbol = maker.symbol
+        trade_id = self.next_trade_id
+        self.next_trade_id = trade_id + 1
+        notional = price * qty * self.tick_values[symbol]
+        maker_fee = notional * self.maker_ppm // 1_000_000
+        taker_fee = notional * self.taker_ppm // 1_000_000
+        if taker.is_buy:
+            buyer, seller, buy_fee, sell_fee = taker, maker, taker_fee, maker_fee
+        else:
+            buyer, seller, buy_fee, sell_fee = maker, taker, maker_fee, taker_fee
+        events.append(Trade(ts, trade_id, symbol, price, qty, taker.side, buyer.order_id,
+                            seller.order_id, buyer.trader_id, seller.trader_id,
+                            buyer.client_order_id, seller.client_order_id, buyer.leaves_qty,
+                            seller.leaves_qty, buy_fee, sell_fee, taker.liquidation))
+        events.append(BookChanged(symbol, BookAction.EXECUTE, maker.order_id, maker.side,
+                                  price, maker.leaves_qty, level_qty))
+        for order, fee in ((buyer, buy_fee), (seller, sell_fee)):
+            trader_id = order.trader_id
+            position = self.ledger.apply_fill(trader_id, symbol, order.is_buy, price, qty, fee)
+            self.traders[trader_id].exposure[symbol][_BUY if order.is_buy else _SELL] -= qty
+            events.append(PositionChanged(ts, trader_id, symbol, position.qty,
+                                          position.open_cost,
+                                          self.ledger.accounts[trader_id].cash,
+                                          position.realized, position.fees))
+        if not maker.leaves_qty:
+            self._forget(maker)
+        self.last_prices[symbol] = price
+        self._moved[symbol] = None
+
+    def on_self_trade_cancel(self, maker: Order, canceled_qty: int, level_qty: int) -> None:
+        self._report_cancel(maker, canceled_qty, CancelReason.SELF_TRADE, level_qty)
+
+    def on_decrement(self, maker: Order, taker: Order, qty: int, level_qty: int) -> None:
+        for order in (maker, taker):
+            trader = self.traders[order.trader_id]
+            trader.exposure[order.symbol][_BUY if order.is_buy else _SELL] -= qty
+        if maker.leaves_qty:
+            self._events.append(OrderAmended(self._ts, maker.order_id, maker.trader_id,
+                                             maker.client_order_id, maker.symbol, maker.side,
+                                             maker.price, maker.qty, maker.leaves_qty, True))
+            self._events.append(BookChanged(maker.symbol, BookAction.AMEND, maker.order_id,
+                                            maker.side, maker.price, maker.leaves_qty,  # type: ignore[arg-type]
+                                            level_qty))
+        else:
+            self._report_cancel(maker, qty, CancelReason.SELF_TRADE, level_qty, counted=True)
+        if taker.leaves_qty:
+            self._events.append(OrderAmended(self._ts, taker.order_id, taker.trader_id,
+                                             taker.client_order_id, taker.symbol, taker.side,
+                                             taker.price, taker.qty, taker.leaves_qty, True))
+        else:
+            self._events.append(OrderCanceled(self._ts, taker.order_id, taker.trader_id,
+                                              taker.client_order_id, taker.symbol, taker.side,
+                                              qty, CancelReason.SELF_TRADE))
+
+    # ================================================================= cancels
+
+    def _find_own(self, trader_id: str, order_id: int | None,
+                  client_order_id: str | None) -> Order | None:
+        """The trader's live order by either id; another trader's looks unknown."""
+        if order_id is not None:
+            order = self.orders.get(order_id)
+            if order is None or order.trader_id != trader_id or (
+                    client_order_id is not None and order.client_order_id != client_order_id):
+                return None
+            return order
+        trader = self.traders.get(trader_id)
+        return trader.live_orders.get(client_order_id) if trader else None  # type: ignore[arg-type]
+
+    def _cancel(self, cmd: CancelOrder) -> None:
+        order = self._find_own(cmd.trader_id, cmd.order_id, cmd.client_order_id)
+        if order is None:
+            self._events.append(CancelRejected(self._ts, cmd.trader_id, cmd.order_id,
+                                               cmd.client_order_id, RejectCode.UNKNOWN_ORDER,
+                                               "no such live order for this trader"))
+            return
+        self._cancel_live(order, CancelReason.USER)
+
+    def _cancel_all(self, cmd: CancelAll) -> None:
+        if cmd.symbol is not None and cmd.symbol not in self.books:
+            self._events.append(CancelRejected(self._ts, cmd.trader_id, None, None,
+                                               RejectCode.UNKNOWN_SYMBOL,
+                                               f"unknown symbol {cmd.symbol!r}"))
+            return
+        for order in self.open_orders(cmd.trader_id, cmd.symbol):
+            self._cancel_live(order, cmd.reason)
+
+    def _cancel_live(self, order: Order, reason: CancelReason) -> None:
+        """Cancel a live order wherever it is: resting in the book or a waiting stop."""
+        removed = self.books[order.symbol].remove(order.order_id)
+        if removed is None:  # a stop waiting outside the book
+            self._cancel_unrested(order, reason)
+        else:
+            self._report_cancel(order, removed[1], reason, removed[2])
+
+    def _report_cancel(self, order: Order, canceled_qty: int, reason: CancelReason,
+                       level_qty: int, counted: bool = False) -> None:
+        """Events and bookkeeping for a resting order the book has already taken out."""
+        if not counted:
+            trader = self.traders[order.trader_id]
+            trader.exposure[order.symbol][_BUY if order.is_buy else _SELL] -= canceled_qty
+        self._events.append(OrderCanceled(self._ts, order.order_id, order.trader_id,
+                                          order.client_order_id, order.symbol, order.side,
+                                          canceled_qty, reason))
+        self._events.append(BookChanged(order.symbol, BookAction.CANCEL, order.order_id,
+                                        order.side, order.price, 0, level_qty))  # type: ignore[arg-type]
+        self._forget(order)
+
+    def _cancel_unrested(self, order: Order, reason: CancelReason) -> None:
+        """Cancel the remainder of an order that is not in the book."""
+        canceled = order.leaves_qty
+        order.leaves_qty = 0
+        trader = self.traders[order.trader_id]
+        trader.exposure[order.symbol][_BUY if order.is_buy else _SELL] -= canceled
+        self._events.append(OrderCanceled(self._ts, order.order_id, order.trader_id,
+                                          order.client_order_id, order.symbol, order.side,
+                                          canceled, reason))
+        self._forget(order)
+
+    def _forget(self, order: Order) -> None:
+        del self.orders[order.order_id]
+        del self.traders[order.trader_id].live_orders[order.client_order_id]
+
+    # ================================================================= amends
+
+    def _amend(self, cmd: AmendOrder) -> None:
+        order = self._find_own(cmd.trader_id, cmd.order_id, cmd.client_order_id)
+        reject = self._check_amend(cmd, order)
+        if reject is not None:
+            self._events.append(AmendRejected(self._ts, cmd.trader_id, cmd.order_id,
+                                              cmd.client_order_id, reject[0], reject[1]))
+            return
+        assert order is not None
+        new_price = order.price if cmd.price is None else cmd.price
+        new_qty = order.qty if cmd.qty is None else cmd.qty
+        new_leaves = new_qty - order.filled_qty
+        added = new_leaves - order.leaves_qty
+        trader = self.traders[order.trader_id]
+        trader.exposure[order.symbol][_BUY if order.is_buy else _SELL] += added
+        book = self.books[order.symbol]
+        keeps_priority = new_price == order.price and added <= 0
+        if order.order_id not in book.resting_orders:  # a waiting stop: no queue to keep
+            order.price, order.qty, order.leaves_qty = new_price, new_qty, new_leaves
+            self._report_amend(order, keeps_priority)
+        elif keeps_priority:
+            level_qty = book.reduce(order, new_leaves)
+            self._report_amend(order, True)
+            self._events.append(BookChanged(order.symbol, BookAction.AMEND, order.order_id,
+                                            order.side, order.price, new_leaves, level_qty))  # type: ignore[arg-type]
+        else:
+            _, _, level_qty = book.remove(order.order_id)  # type: ignore[misc]
+            requeued = order.requeued(new_price, new_qty, new_leaves, self._ts)
+            self.orders[order.order_id] = requeued
+            trader.live_orders[order.client_order_id] = requeued
+            self._report_amend(requeued, False)
+            self._events.append(BookChanged(order.symbol, BookAction.CANCEL, order.order_id,
+                                            order.side, order.price, 0, level_qty))  # type: ignore[arg-type]
+            self._execute(requeued, book)
+
+    def _check_amend(self, cmd: AmendOrder, order: Order | None) -> Reject | None:
+        if order is None:
+            return RejectCode.UNKNOWN_ORDER, "no such live order for this trader"
+        symbol = order.symbol
+        if not self.market_open[symbol]:
+            return RejectCode.MARKET_CLOSED, f"{symbol} is closed for trading"
+        if cmd.price is not None and order.price is None:
+            return RejectCode.INVALID_FIELD, "'price' cannot be set on a stop (market) order"
+        trader = self.traders[order.trader_id]
+        reject = self.risk.take_rate_token(trader, self._ts)
+        if reject is not None:
+            return reject
+        new_qty = order.qty if cmd.qty is None else cmd.qty
+        if new_qty <= order.filled_qty:
+            return (RejectCode.INVALID_FIELD,
+                    f"'qty' {new_qty} must exceed the filled quantity {order.filled_qty}")
+        added = new_qty - order.filled_qty - order.leaves_qty
+        reject = self.risk.check_order(trader, symbol, order.is_buy, new_qty, max(added, 0),
+                                       self._position(order.trader_id, symbol), 0)
+        if reject is not None:
+            return reject
+        is_resting = order.order_id in self.books[symbol].resting_orders
+        if cmd.price is not None and cmd.price != order.price and is_resting:
+            reject = check_price_band(cmd.price, self.reference_price(symbol),
+                                      self.band_bps[symbol])
+            if reject is not None:
+                return reject
+            if order.post_only and self.books[symbol].would_cross(order.is_buy, cmd.price):
+                return (RejectCode.POST_ONLY_WOULD_CROSS,
+                        f"post-only order amended to {cmd.price} would trade")
+        if added > 0 and self.margin.enabled:
+            return self.margin.check_order(trader, symbol, order.is_buy, added, self.marks())
+        return None
+
+    def _report_amend(self, order: Order, priority_kept: bool) -> None:
+        self._events.append(OrderAmended(self._ts, order.order_id, order.trader_id,
+                                         order.client_order_id, order.symbol, order.side,
+                                         order.price, order.qty, order.leaves_qty,
+                                         priority_kept))
+
+    # ================================================================= market state
+
+    def _set_market_open(self, cmd: SetMarketOpen) -> None:
+        symbols = self.symbols if cmd.symbol is None else [cmd.symbol]
+        for symbol in symbols:
+            if symbol in self.market_open and self.market_open[symbol] != cmd.is_open:
+                self.market_open[symbol] = cmd.is_open
+                self._events.append(MarketStatusChanged(self._ts, symbol, cmd.is_open))
+
+    # ================================================================= settling
+
+    def _settle(self) -> None:
+        """Run what the command set off: triggered stops, one at a time as if just sent,
+        then margin checks where a price moved, until nothing more happens."""
+        margin_due: dict[str, None] = {}
+        while self._moved or self._triggered or margin_due:
+            if self._triggered:
+                self._run_triggered(self._triggered.popleft())
+            elif self._moved:
+                for symbol in self._moved:
+                    last = self.last_prices[symbol]
+                    if last is not None:
+                        self._triggered.extend(self.stop_books[symbol].pop_triggered(last))
+                margin_due.update(self._moved)
+                self._moved.clear()
+            else:
+                if self.margin.enabled:
+                    self._check_margins(list(margin_due))
+                margin_due.clear()
+
+    def _run_triggered(self, order: Order) -> None:
+        if not order.leaves_qty:
+            return  # canceled while queued behind another trigger
+        self._events.append(OrderTriggered(self._ts, order.order_id, order.trader_id,
+                                           order.client_order_id, order.symbol))
+        symbol = order.symbol
+        if order.order_type is OrderType.STOP_LIMIT and check_price_band(
+                order.price, self.reference_price(symbol), self.band_bps[symbol]):  # type: ignore[arg-type]
+            self._cancel_unrested(order, CancelReason.RISK)
+            return
+        self._execute(order, self.books[symbol])
+
+    def _check_margins(self, moved: list[str]) -> None:
+        marks = self.marks()
+        candidates: dict[str, None] = dict(self._liquidating)
+        for symbol in moved:
+            candidates.update(self.ledger.holders[symbol])
+        for trader_id in candidates:
+            trader = self.traders[trader_id]
+            if trader.status is TraderStatus.LIQUIDATING:
+                self._flatten(trader)
+            elif self.margin.in_breach(trader_id, marks):
+                self._liquidate(trader)
+
+    def _liquidate(self, trader: TraderState) -> None:
+        self._set_status(trader, TraderStatus.MARGIN_CALL)
+        for order in self.open_orders(trader.trader_id):
+            self._cancel_live(order, CancelReason.LIQUIDATION)
+        self._set_status(trader, TraderStatus.LIQUIDATING)
+        self._liquidating[trader.trader_id] = None
+        self._flatten(trader)
+
+    def _flatten(self, trader: TraderState) -> None:
+        """Send IOC market orders against the book for every open position; if the book
+        cannot take them all, the rest waits for the next price move."""
+        account = self.ledger.account(trader.trader_id)
+        for symbol in sorted(account.positions):
+            held = account.positions[symbol].qty
+            if not held:
+                continue
+            order = Order(self.next_order_id, trader.trader_id, f"~liq-{self.next_order_id}",
+                          symbol, Side.SELL if held > 0 else Side.BUY, OrderType.MARKET, None,
+                          abs(held), TimeInForce.IOC, False, StpMode.CANCEL_RESTING, None,
+                          self._ts, liquidation=True)
+            self.next_order_id += 1
+            self._accept(order, trader)
+            self._execute(order, self.books[symbol])
+        if not any(p.qty for p in account.positions.values()):
+            self._liquidating.pop(trader.trader_id, None)
+            self._set_status(trader, TraderStatus.OK)
+
+    def _set_status(self, trader: TraderState, status: TraderStatus) -> None:
+        trader.status = status
+        self._events.append(TraderStatusChanged(self._ts, trader.trader_id, status))

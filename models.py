@@ -1,0 +1,543 @@
+"""The shared vocabulary of OpenMarketSim: enums, commands, events and the wire parser.
+
+Everything that crosses a module boundary is defined here once. Commands are what a
+trader asks for; events are what the engine says happened. Both are slotted
+dataclasses so they are cheap to build on the hot path and compare by value in tests.
+
+Prices are integer ticks and quantities integer lots everywhere. Money inside the
+core is an integer count of ``1 / MONEY_SCALE`` currency units (see ``config.py``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+PROTOCOL_VERSION = 1
+
+
+class StrEnum(str, Enum):
+    """A str-valued enum that serialises as its value (``enum.StrEnum`` is 3.11+)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Side(StrEnum):
+    BUY = "buy"
+    SELL = "sell"
+
+    @property
+    def opposite(self) -> Side:
+        return Side.SELL if self is Side.BUY else Side.BUY
+
+
+class OrderType(StrEnum):
+    LIMIT = "limit"
+    MARKET = "market"
+    STOP = "stop"
+    STOP_LIMIT = "stop_limit"
+
+
+class TimeInForce(StrEnum):
+    GTC = "gtc"
+    IOC = "ioc"
+    FOK = "fok"
+
+
+class StpMode(StrEnum):
+    """Self-trade prevention: what happens when an order meets its own trader's order."""
+
+    CANCEL_RESTING = "cancel_resting"
+    CANCEL_INCOMING = "cancel_incoming"
+    CANCEL_BOTH = "cancel_both"
+    DECREMENT = "decrement"
+
+
+class OrderStatus(StrEnum):
+    PENDING_TRIGGER = "pending_trigger"  # a stop order waiting outside the book
+    NEW = "new"
+    PARTIALLY_FILLED = "partially_filled"
+    FILLED = "filled"
+    CANCELED = "canceled"
+
+
+class CancelReason(StrEnum):
+    USER = "user"
+    IOC = "ioc"
+    FOK = "fok"
+    SELF_TRADE = "self_trade"
+    DISCONNECT = "disconnect"
+    LIQUIDATION = "liquidation"
+    RISK = "risk"
+
+
+class Liquidity(StrEnum):
+    MAKER = "maker"
+    TAKER = "taker"
+
+
+class TraderStatus(StrEnum):
+    OK = "ok"
+    MARGIN_CALL = "margin_call"
+    LIQUIDATING = "liquidating"
+
+
+class BookAction(StrEnum):
+    """What happened to one resting order (the L3 ``order_event`` vocabulary)."""
+
+    ADD = "add"
+    CANCEL = "cancel"
+    EXECUTE = "execute"
+    AMEND = "amend"
+
+
+class RejectCode(StrEnum):
+    BAD_JSON = "BAD_JSON"
+    UNKNOWN_TYPE = "UNKNOWN_TYPE"
+    INVALID_FIELD = "INVALID_FIELD"
+    NOT_LOGGED_IN = "NOT_LOGGED_IN"
+    ALREADY_LOGGED_IN = "ALREADY_LOGGED_IN"
+    AUTH_FAILED = "AUTH_FAILED"
+    UNKNOWN_SYMBOL = "UNKNOWN_SYMBOL"
+    DUPLICATE_CLIENT_ORDER_ID = "DUPLICATE_CLIENT_ORDER_ID"
+    UNKNOWN_ORDER = "UNKNOWN_ORDER"
+    POST_ONLY_WOULD_CROSS = "POST_ONLY_WOULD_CROSS"
+    RISK_MAX_ORDER_QTY = "RISK_MAX_ORDER_QTY"
+    RISK_MAX_POSITION = "RISK_MAX_POSITION"
+    RISK_PRICE_BAND = "RISK_PRICE_BAND"
+    RISK_MAX_OPEN_ORDERS = "RISK_MAX_OPEN_ORDERS"
+    RISK_INSUFFICIENT_MARGIN = "RISK_INSUFFICIENT_MARGIN"
+    RATE_LIMITED = "RATE_LIMITED"
+    MARKET_CLOSED = "MARKET_CLOSED"
+    TRADER_LIQUIDATING = "TRADER_LIQUIDATING"
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@dataclass(slots=True)
+class NewOrder:
+    trader_id: str
+    client_order_id: str
+    symbol: str
+    side: Side
+    order_type: OrderType
+    qty: int
+    price: int | None = None
+    stop_price: int | None = None
+    tif: TimeInForce = TimeInForce.GTC
+    post_only: bool = False
+    stp: StpMode = StpMode.CANCEL_RESTING
+
+
+@dataclass(slots=True)
+class CancelOrder:
+    trader_id: str
+    order_id: int | None = None
+    client_order_id: str | None = None
+
+
+@dataclass(slots=True)
+class AmendOrder:
+    trader_id: str
+    order_id: int | None = None
+    client_order_id: str | None = None
+    price: int | None = None
+    qty: int | None = None  # the new total quantity
+
+
+@dataclass(slots=True)
+class CancelAll:
+    trader_id: str
+    symbol: str | None = None
+    reason: CancelReason = CancelReason.USER  # the gateway uses DISCONNECT
+
+
+@dataclass(slots=True)
+class SetMarketOpen:
+    """Open or close trading in a symbol (``None``: every symbol). Admin only."""
+
+    is_open: bool
+    symbol: str | None = None
+
+
+Command = NewOrder | CancelOrder | AmendOrder | CancelAll | SetMarketOpen
+
+
+# Session-level requests: answered by the gateway, never sequenced by the engine.
+
+
+@dataclass(slots=True)
+class Login:
+    trader_id: str
+    token: str | None = None
+
+
+@dataclass(slots=True)
+class GetPosition:
+    symbol: str | None = None
+
+
+@dataclass(slots=True)
+class GetOpenOrders:
+    symbol: str | None = None
+
+
+@dataclass(slots=True)
+class Ping:
+    pass
+
+
+Request = (Login | GetPosition | GetOpenOrders | Ping | NewOrder | CancelOrder | AmendOrder
+           | CancelAll)
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(slots=True)
+class OrderAccepted:
+    ts: int
+    order_id: int
+    trader_id: str
+    client_order_id: str
+    symbol: str
+    side: Side
+    order_type: OrderType
+    price: int | None
+    stop_price: int | None
+    qty: int
+    tif: TimeInForce
+    post_only: bool
+    liquidation: bool = False
+
+
+@dataclass(slots=True)
+class OrderRejected:
+    ts: int
+    trader_id: str
+    client_order_id: str
+    code: RejectCode
+    message: str
+
+
+@dataclass(slots=True)
+class CancelRejected:
+    ts: int
+    trader_id: str
+    order_id: int | None
+    client_order_id: str | None
+    code: RejectCode
+    message: str
+
+
+@dataclass(slots=True)
+class AmendRejected:
+    ts: int
+    trader_id: str
+    order_id: int | None
+    client_order_id: str | None
+    code: RejectCode
+    message: str
+
+
+@dataclass(slots=True)
+class Trade:
+    """One execution. Both sides' fills and the public print come from this one event."""
+
+    ts: int
+    trade_id: int
+    symbol: str
+    price: int
+    qty: int
+    aggressor: Side
+    buy_order_id: int
+    sell_order_id: int
+    buy_trader: str
+    sell_trader: str
+    buy_client_order_id: str
+    sell_client_order_id: str
+    buy_leaves_qty: int
+    sell_leaves_qty: int
+    buy_fee: int  # money units; negative is a rebate
+    sell_fee: int
+    liquidation: bool = False
+
+
+@dataclass(slots=True)
+class OrderCanceled:
+    ts: int
+    order_id: int
+    trader_id: str
+    client_order_id: str
+    symbol: str
+    side: Side
+    canceled_qty: int
+    reason: CancelReason
+
+
+@dataclass(slots=True)
+class OrderAmended:
+    ts: int
+    order_id: int
+    trader_id: str
+    client_order_id: str
+    symbol: str
+    side: Side
+    price: int | None
+    qty: int  # new total quantity (filled + leaves)
+    leaves_qty: int
+    priority_kept: bool
+
+
+@dataclass(slots=True)
+class OrderTriggered:
+    ts: int
+    order_id: int
+    trader_id: str
+    client_order_id: str
+    symbol: str
+
+
+@dataclass(slots=True)
+class BookChanged:
+    """One resting order changed (L3) and the new total of its price level (L2)."""
+
+    symbol: str
+    action: BookAction
+    order_id: int
+    side: Side
+    price: int
+    order_qty: int  # the order's remaining quantity after the change
+    level_qty: int  # the price level's total after the change; 0 removes the level
+
+
+@dataclass(slots=True)
+class PositionChanged:
+    ts: int
+    trader_id: str
+    symbol: str
+    position: int
+    open_cost: int  # signed ticks*lots of the open position; avg price = open_cost/position
+    cash: int  # money units
+    realized_pnl: int  # money units, this symbol
+    fees: int  # money units paid in this symbol
+
+
+@dataclass(slots=True)
+class TraderStatusChanged:
+    ts: int
+    trader_id: str
+    status: TraderStatus
+
+
+@dataclass(slots=True)
+class MarketStatusChanged:
+    ts: int
+    symbol: str
+    is_open: bool
+
+
+Event = (OrderAccepted | OrderRejected | CancelRejected | AmendRejected | Trade | OrderCanceled
+         | OrderAmended | OrderTriggered | BookChanged | PositionChanged | TraderStatusChanged
+         | MarketStatusChanged)
+
+REJECT_EVENTS = (OrderRejected, CancelRejected, AmendRejected)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class ProtocolError(Exception):
+    """A request that cannot be acted on: a stable code, a message naming the problem,
+    and the client's own id for the request where one could be read."""
+
+    def __init__(self, code: RejectCode, message: str, ref: str | int | None = None):
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+        self.ref = ref
+
+
+TRADER_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+MAX_CLIENT_ORDER_ID_LEN = 64
+
+
+def _invalid(field: str, problem: str, ref: str | int | None = None) -> ProtocolError:
+    return ProtocolError(RejectCode.INVALID_FIELD, f"'{field}' {problem}", ref)
+
+
+def _positive_int(msg: dict[str, Any], field: str, ref: str | int | None,
+                  required: bool = True) -> int | None:
+    value = msg.get(field)
+    if value is None:
+        if required:
+            raise _invalid(field, "is required", ref)
+        return None
+    # bool is an int subclass in Python; JSON true must not pass as 1.
+    if type(value) is not int:
+        raise _invalid(field, f"must be a positive integer, got {type(value).__name__}", ref)
+    if value <= 0:
+        raise _invalid(field, f"must be a positive integer, got {value}", ref)
+    return value
+
+
+def _string(msg: dict[str, Any], field: str, ref: str | int | None, required: bool = True,
+            max_len: int = MAX_CLIENT_ORDER_ID_LEN) -> str | None:
+    value = msg.get(field)
+    if value is None:
+        if required:
+            raise _invalid(field, "is required", ref)
+        return None
+    if not isinstance(value, str) or not value:
+        raise _invalid(field, "must be a non-empty string", ref)
+    if len(value) > max_len:
+        raise _invalid(field, f"must be at most {max_len} characters", ref)
+    return value
+
+
+def _enum(msg: dict[str, Any], field: str, enum: type[StrEnum], default: Any,
+          ref: str | int | None) -> Any:
+    value = msg.get(field)
+    if value is None:
+        if default is None:
+            raise _invalid(field, "is required", ref)
+        return default
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = ", ".join(member.value for member in enum)
+        raise _invalid(field, f"must be one of {allowed}; got {value!r}", ref) from None
+
+
+def _bool(msg: dict[str, Any], field: str, ref: str | int | None) -> bool:
+    value = msg.get(field, False)
+    if type(value) is not bool:
+        raise _invalid(field, "must be true or false", ref)
+    return value
+
+
+def _order_ref(msg: dict[str, Any]) -> tuple[int | None, str | None, str | int | None]:
+    """The ``order_id`` / ``client_order_id`` pair a cancel or amend names."""
+    client_order_id = msg.get("client_order_id")
+    order_id = msg.get("order_id")
+    ref = client_order_id if isinstance(client_order_id, str) else (
+        order_id if type(order_id) is int else None)
+    if order_id is None and client_order_id is None:
+        raise _invalid("order_id", "or 'client_order_id' is required", ref)
+    if order_id is not None:
+        _positive_int(msg, "order_id", ref)
+    if client_order_id is not None:
+        _string(msg, "client_order_id", ref)
+    return order_id, client_order_id, ref
+
+
+def _symbol(msg: dict[str, Any], default_symbol: str | None, ref: str | int | None,
+            required: bool) -> str | None:
+    symbol = _string(msg, "symbol", ref, required=False, max_len=32)
+    if symbol is None and required:
+        if default_symbol is None:
+            raise _invalid("symbol", "is required when the exchange trades several symbols",
+                           ref)
+        return default_symbol
+    return symbol
+
+
+def parse_new_order(msg: dict[str, Any], trader_id: str,
+                    default_symbol: str | None = None) -> NewOrder:
+    raw_ref = msg.get("client_order_id")
+    ref = raw_ref if isinstance(raw_ref, str) else None
+    client_order_id = _string(msg, "client_order_id", ref)
+    assert client_order_id is not None
+    symbol = _symbol(msg, default_symbol, ref, required=True)
+    side = _enum(msg, "side", Side, None, ref)
+    order_type = _enum(msg, "order_type", OrderType, OrderType.LIMIT, ref)
+    qty = _positive_int(msg, "qty", ref)
+    needs_price = order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT)
+    needs_stop = order_type in (OrderType.STOP, OrderType.STOP_LIMIT)
+    price = _positive_int(msg, "price", ref, required=needs_price)
+    stop_price = _positive_int(msg, "stop_price", ref, required=needs_stop)
+    if price is not None and not needs_price:
+        raise _invalid("price", f"is not allowed on a {order_type.value} order", ref)
+    if stop_price is not None and not needs_stop:
+        raise _invalid("stop_price", f"is not allowed on a {order_type.value} order", ref)
+    tif = _enum(msg, "tif", TimeInForce, TimeInForce.GTC, ref)
+    if order_type in (OrderType.MARKET, OrderType.STOP) and "tif" not in msg:
+        tif = TimeInForce.IOC  # a market order is IOC by nature
+    elif order_type in (OrderType.MARKET, OrderType.STOP) and tif is TimeInForce.GTC:
+        raise _invalid("tif", "must be ioc or fok on a market order", ref)
+    post_only = _bool(msg, "post_only", ref)
+    if post_only and (order_type is not OrderType.LIMIT or tif is not TimeInForce.GTC):
+        raise _invalid("post_only", "is only allowed on a gtc limit order", ref)
+    stp = _enum(msg, "stp", StpMode, StpMode.CANCEL_RESTING, ref)
+    return NewOrder(trader_id, client_order_id, symbol, side, order_type, qty,  # type: ignore[arg-type]
+                    price, stop_price, tif, post_only, stp)
+
+
+def parse_request(msg: Any, trader_id: str | None,
+                  default_symbol: str | None = None) -> Request:
+    """Turn a decoded JSON value into a validated request, or raise ``ProtocolError``.
+
+    ``trader_id`` is the session's logged-in trader (``None`` before login).
+    """
+    if not isinstance(msg, dict):
+        raise ProtocolError(RejectCode.BAD_JSON, "a message must be a JSON object")
+    kind = msg.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError(RejectCode.UNKNOWN_TYPE, "'type' is required and must be a string")
+    if kind == "ping":
+        return Ping()
+    if kind == "login":
+        if trader_id is not None:
+            raise ProtocolError(RejectCode.ALREADY_LOGGED_IN, f"already logged in as {trader_id}")
+        login_id = _string(msg, "trader_id", None, max_len=64)
+        assert login_id is not None
+        if not TRADER_ID_RE.fullmatch(login_id):
+            raise _invalid("trader_id", "must be 1-32 characters of A-Za-z0-9_-")
+        return Login(login_id, _string(msg, "token", None, required=False, max_len=256))
+    if kind not in _PARSERS:
+        raise ProtocolError(RejectCode.UNKNOWN_TYPE, f"unknown message type {kind!r}")
+    if trader_id is None:
+        raise ProtocolError(RejectCode.NOT_LOGGED_IN, f"log in before sending {kind!r}",
+                            msg.get("client_order_id"))
+    return _PARSERS[kind](msg, trader_id, default_symbol)
+
+
+def _parse_cancel(msg: dict[str, Any], trader_id: str, _default: str | None) -> CancelOrder:
+    order_id, client_order_id, _ = _order_ref(msg)
+    return CancelOrder(trader_id, order_id, client_order_id)
+
+
+def _parse_amend(msg: dict[str, Any], trader_id: str, _default: str | None) -> AmendOrder:
+    order_id, client_order_id, ref = _order_ref(msg)
+    price = _positive_int(msg, "price", ref, required=False)
+    qty = _positive_int(msg, "qty", ref, required=False)
+    if price is None and qty is None:
+        raise _invalid("price", "or 'qty' is required in an amend", ref)
+    return AmendOrder(trader_id, order_id, client_order_id, price, qty)
+
+
+def _parse_cancel_all(msg: dict[str, Any], trader_id: str, _default: str | None) -> CancelAll:
+    return CancelAll(trader_id, _symbol(msg, None, None, required=False))
+
+
+def _parse_get_position(msg: dict[str, Any], _trader: str, _default: str | None) -> GetPosition:
+    return GetPosition(_symbol(msg, None, None, required=False))
+
+
+def _parse_get_open_orders(msg: dict[str, Any], _trader: str,
+                           _default: str | None) -> GetOpenOrders:
+    return GetOpenOrders(_symbol(msg, None, None, required=False))
+
+
+_PARSERS = {
+    "new_order": parse_new_order,
+    "cancel_order": _parse_cancel,
+    "amend_order": _parse_amend,
+    "cancel_all": _parse_cancel_all,
+    "get_position": _parse_get_position,
+    "get_open_orders": _parse_get_open_orders,
+}

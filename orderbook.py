@@ -1,0 +1,362 @@
+"""A price-time priority limit order book for one instrument.
+
+Layout, chosen for speed in CPython (see ../shared/PERFORMANCE_NOTES.md):
+- each side is a ``dict`` of price -> ``PriceLevel`` plus a heap of the level prices
+  (bids negated), so the best price is O(1) amortised;
+- a level keeps its orders in a ``deque`` in arrival order. Cancel is O(1) and lazy: the
+  order's ``leaves_qty`` drops to 0 and the level total is adjusted at once, and the
+  dead entry is dropped when it reaches the head or when the level compacts itself.
+
+Matching lives here too, so the bare book can be benchmarked on its own; what an
+execution *means* (events, fees, positions) is the caller's business, told through a
+``MatchSink``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+from collections import deque
+from collections.abc import Iterator
+from typing import Protocol
+
+from models import OrderType, Side, StpMode, TimeInForce
+
+
+class Order:
+    """One order's live state. Mutable: the book and engine update it in place."""
+
+    __slots__ = ("client_order_id", "is_buy", "leaves_qty", "liquidation", "order_id",
+                 "order_type", "post_only", "price", "qty", "side", "stop_price", "stp",
+                 "symbol", "tif", "trader_id", "ts")
+
+    def __init__(self, order_id: int, trader_id: str, client_order_id: str, symbol: str,
+                 side: Side, order_type: OrderType, price: int | None, qty: int,
+                 tif: TimeInForce = TimeInForce.GTC, post_only: bool = False,
+                 stp: StpMode = StpMode.CANCEL_RESTING, stop_price: int | None = None,
+                 ts: int = 0, liquidation: bool = False) -> None:
+        self.order_id = order_id
+        self.trader_id = trader_id
+        self.client_order_id = client_order_id
+        self.symbol = symbol
+        self.side = side
+        self.is_buy = side is Side.BUY
+        self.order_type = order_type
+        self.price = price
+        self.qty = qty  # current total quantity: filled + leaves
+        self.leaves_qty = qty
+        self.tif = tif
+        self.post_only = post_only
+        self.stp = stp
+        self.stop_price = stop_price
+        self.ts = ts
+        self.liquidation = liquidation
+
+    @property
+    def filled_qty(self) -> int:
+        return self.qty - self.leaves_qty
+
+    def requeued(self, price: int | None, qty: int, leaves_qty: int, ts: int) -> Order:
+        """A fresh copy for the back of a queue. A new object, because the old one may
+        still sit (dead) in a level's deque."""
+        order = Order(self.order_id, self.trader_id, self.client_order_id, self.symbol,
+                      self.side, self.order_type, price, qty, self.tif, self.post_only,
+                      self.stp, self.stop_price, ts, self.liquidation)
+        order.leaves_qty = leaves_qty
+        return order
+
+    def __repr__(self) -> str:
+        return (f"Order(#{self.order_id} {self.trader_id} {self.side.value} "
+                f"{self.leaves_qty}/{self.qty} @ {self.price})")
+
+
+class PriceLevel:
+    __slots__ = ("live_count", "orders", "price", "total_qty")
+
+    def __init__(self, price: int) -> None:
+        self.price = price
+        self.orders: deque[Order] = deque()
+        self.total_qty = 0
+        self.live_count = 0
+
+    def live_orders(self) -> Iterator[Order]:
+        return (order for order in self.orders if order.leaves_qty)
+
+    def compact_if_sparse(self) -> None:
+        # Lazy cancels leave dead entries behind; rebuilding once they outnumber the live
+        # ones keeps memory proportional to resting orders at amortised O(1) per cancel.
+        if len(self.orders) > 2 * self.live_count + 16:
+            self.orders = deque(order for order in self.orders if order.leaves_qty)
+
+
+class MatchSink(Protocol):
+    """What the book tells its owner while matching. ``level_qty`` is the maker's level
+    total after the change (0: the level is gone)."""
+
+    def on_fill(self, maker: Order, taker: Order, price: int, qty: int,
+                level_qty: int) -> None: ...
+
+    def on_self_trade_cancel(self, maker: Order, canceled_qty: int, level_qty: int) -> None: ...
+
+    def on_decrement(self, maker: Order, taker: Order, qty: int, level_qty: int) -> None: ...
+
+
+class BookSide:
+    """One side of the book: levels by price, best first via a heap of keys."""
+
+    __slots__ = ("_heap", "_in_heap", "is_bid", "levels")
+
+    def __init__(self, is_bid: bool) -> None:
+        self.is_bid = is_bid
+        self.levels: dict[int, PriceLevel] = {}
+        self._heap: list[int] = []  # prices, negated for bids so heap[0] is the best
+        self._in_heap: set[int] = set()
+
+    def best_price(self) -> int | None:
+        heap, levels = self._heap, self.levels
+        while heap:
+            key = heap[0]
+            price = -key if self.is_bid else key
+            if price in levels:
+                return price
+            heapq.heappop(heap)
+            self._in_heap.discard(key)
+        return None
+
+    def level_for_insert(self, price: int) -> PriceLevel:
+        level = self.levels.get(price)
+        if level is None:
+            level = self.levels[price] = PriceLevel(price)
+            key = -price if self.is_bid else price
+            if key not in self._in_heap:
+                self._in_heap.add(key)
+                heapq.heappush(self._heap, key)
+        return level
+
+    def prices_best_first(self) -> list[int]:
+        return sorted(self.levels, reverse=self.is_bid)
+
+    def depth(self, n: int | None = None) -> list[tuple[int, int]]:
+        if n is None:
+            prices = self.prices_best_first()
+        elif self.is_bid:
+            prices = heapq.nlargest(n, self.levels)
+        else:
+            prices = heapq.nsmallest(n, self.levels)
+        levels = self.levels
+        return [(price, levels[price].total_qty) for price in prices]
+
+
+class OrderBook:
+    """The resting orders of one symbol, and the matching of incoming orders against them."""
+
+    def __init__(self, symbol: str) -> None:
+        self.symbol = symbol
+        self.bids = BookSide(is_bid=True)
+        self.asks = BookSide(is_bid=False)
+        self.resting_orders: dict[int, Order] = {}
+
+    # ----------------------------------------------------------------- queries
+
+    def best_bid(self) -> int | None:
+        return self.bids.best_price()
+
+    def best_ask(self) -> int | None:
+        return self.asks.best_price()
+
+    def depth(self, side: Side, n: int | None = None) -> list[tuple[int, int]]:
+        """L2: ``[(price, total_qty)]`` best first, ``n`` levels (all when ``None``)."""
+        return (self.bids if side is Side.BUY else self.asks).depth(n)
+
+    def level_qty(self, side: Side, price: int) -> int:
+        level = (self.bids if side is Side.BUY else self.asks).levels.get(price)
+        return level.total_qty if level else 0
+
+    def iter_orders(self, side: Side) -> Iterator[Order]:
+        """L3: live orders best price first, FIFO within each price."""
+        book_side = self.bids if side is Side.BUY else self.asks
+        for price in book_side.prices_best_first():
+            yield from book_side.levels[price].live_orders()
+
+    def would_cross(self, is_buy: bool, price: int | None) -> bool:
+        """Would an order at ``price`` (``None``: market) trade on arrival?"""
+        if is_buy:
+            best = self.asks.best_price()
+            return best is not None and (price is None or price >= best)
+        best = self.bids.best_price()
+        return best is not None and (price is None or price <= best)
+
+    def fillable_qty(self, taker: Order, limit: int | None, wanted: int) -> int:
+        """How much of ``wanted`` would fill at once, honouring the taker's STP mode.
+
+        Used for fill-or-kill, before anything is touched; stops counting at ``wanted``.
+        """
+        book_side = self.asks if taker.is_buy else self.bids
+        available = 0
+        for price in book_side.prices_best_first():
+            if limit is not None and (price > limit if taker.is_buy else price < limit):
+                break
+            for maker in book_side.levels[price].live_orders():
+                if maker.trader_id == taker.trader_id:
+                    if taker.stp is StpMode.CANCEL_RESTING:
+                        continue
+                    return available  # every other mode stops filling here
+                available += maker.leaves_qty
+                if available >= wanted:
+                    return available
+        return available
+
+    # ----------------------------------------------------------------- mutations
+
+    def add(self, order: Order) -> int:
+        """Rest ``order`` at the back of its price level; returns the level's new total.
+
+        The caller has already matched it: resting a crossing order is a bug.
+        """
+        level = (self.bids if order.is_buy else self.asks).level_for_insert(order.price)
+        level.orders.append(order)
+        level.live_count += 1
+        level.total_qty += order.leaves_qty
+        self.resting_orders[order.order_id] = order
+        return level.total_qty
+
+    def remove(self, order_id: int) -> tuple[Order, int, int] | None:
+        """Take a resting order out of the book in O(1).
+
+        Returns ``(order, canceled_qty, level_qty)``, or ``None`` if the order is not
+        resting here. The order's ``leaves_qty`` becomes 0, which is what marks its
+        entry in the level's deque dead.
+        """
+        order = self.resting_orders.pop(order_id, None)
+        if order is None:
+            return None
+        side = self.bids if order.is_buy else self.asks
+        level = side.levels[order.price]
+        canceled = order.leaves_qty
+        order.leaves_qty = 0
+        level.total_qty -= canceled
+        level.live_count -= 1
+        if level.live_count == 0:
+            del side.levels[order.price]
+        else:
+            level.compact_if_sparse()
+        return order, canceled, level.total_qty
+
+    def reduce(self, order: Order, new_leaves: int) -> int:
+        """Lower a resting order's leaves in place, keeping its priority; returns the
+        level's new total."""
+        level = (self.bids if order.is_buy else self.asks).levels[order.price]
+        level.total_qty -= order.leaves_qty - new_leaves
+        order.qty -= order.leaves_qty - new_leaves
+        order.leaves_qty = new_leaves
+        return level.total_qty
+
+    def match(self, taker: Order, limit: int | None, sink: MatchSink) -> bool:
+        """Execute ``taker`` against the opposite side while the price is at or better
+        than ``limit`` (``None``: any price). Trades print at the maker's price.
+
+        Returns ``True`` when self-trade prevention stopped the taker (modes
+        ``cancel_incoming`` and ``cancel_both``): the caller cancels the remainder.
+        """
+        is_buy = taker.is_buy
+        book_side = self.asks if is_buy else self.bids
+        levels = book_side.levels
+        resting = self.resting_orders
+        while taker.leaves_qty:
+            price = book_side.best_price()
+            if price is None or (limit is not None and (price > limit if is_buy
+                                                         else price < limit)):
+                return False
+            level = levels[price]
+            orders = level.orders
+            while taker.leaves_qty and level.live_count:
+                maker = orders[0]
+                if not maker.leaves_qty:
+                    orders.popleft()  # a lazily canceled order reached the head
+                    continue
+                if maker.trader_id == taker.trader_id:
+                    if self._prevent_self_trade(maker, taker, level, sink):
+                        if not level.live_count:
+                            del levels[price]
+                        return True
+                    continue  # the maker is gone, or the taker was decremented to nothing
+                qty = maker.leaves_qty if maker.leaves_qty < taker.leaves_qty \
+                    else taker.leaves_qty
+                maker.leaves_qty -= qty
+                taker.leaves_qty -= qty
+                level.total_qty -= qty
+                if not maker.leaves_qty:
+                    orders.popleft()
+                    level.live_count -= 1
+                    del resting[maker.order_id]
+                sink.on_fill(maker, taker, price, qty, level.total_qty)
+            if not level.live_count:
+                del levels[price]
+        return False
+
+    def _prevent_self_trade(self, maker: Order, taker: Order, level: PriceLevel,
+                            sink: MatchSink) -> bool:
+        """Apply the taker's STP mode to a maker of the same trader at the level head.
+        Returns ``True`` when the taker must stop."""
+        mode = taker.stp
+        if mode is StpMode.CANCEL_INCOMING:
+            return True
+        if mode is StpMode.DECREMENT:
+            qty = min(maker.leaves_qty, taker.leaves_qty)
+            maker.leaves_qty -= qty
+            maker.qty -= qty
+            taker.leaves_qty -= qty
+            taker.qty -= qty
+            level.total_qty -= qty
+            if not maker.leaves_qty:
+                level.orders.popleft()
+                level.live_count -= 1
+                del self.resting_orders[maker.order_id]
+            sink.on_decrement(maker, taker, qty, level.total_qty)
+            return False
+        # cancel_resting and cancel_both both take the maker out
+        canceled = maker.leaves_qty
+        level.orders.popleft()
+        level.live_count -= 1
+        level.total_qty -= canceled
+        maker.leaves_qty = 0
+        del self.resting_orders[maker.order_id]
+        sink.on_self_trade_cancel(maker, canceled, level.total_qty)
+        return mode is StpMode.CANCEL_BOTH
+
+    # ----------------------------------------------------------------- checks
+
+    def validate(self) -> None:
+        """Assert every invariant of the book; raises ``AssertionError`` naming the first
+        broken one. For tests and recovery checks, not the hot path."""
+        seen: set[int] = set()
+        for book_side in (self.bids, self.asks):
+            side = Side.BUY if book_side.is_bid else Side.SELL
+            for price, level in book_side.levels.items():
+                live = list(level.live_orders())
+                assert live, f"{self.symbol} {side} level {price} is empty but kept"
+                assert level.live_count == len(live), f"level {price} live_count is off"
+                assert level.total_qty == sum(o.leaves_qty for o in live), \
+                    f"level {price} total_qty {level.total_qty} != sum of its orders"
+                key = -price if book_side.is_bid else price
+                assert key in book_side._in_heap, f"level {price} missing from the heap"
+                for order in live:
+                    assert order.price == price and order.side is side, f"{order} misfiled"
+                    assert 0 < order.leaves_qty <= order.qty, f"{order} has bad quantities"
+                    assert self.resting_orders.get(order.order_id) is order, \
+                        f"{order} not indexed"
+                    assert order.order_id not in seen, f"{order} rests twice"
+                    seen.add(order.order_id)
+        assert seen == set(self.resting_orders), "resting_orders index disagrees with levels"
+        bid, ask = self.best_bid(), self.best_ask()
+        assert bid is None or ask is None or bid < ask, f"book crossed: {bid} >= {ask}"
+
+    def state_tuple(self) -> tuple:
+        """A canonical, comparable picture of the book (order of every queue included)."""
+        def side_state(side: Side) -> tuple:
+            return tuple((o.order_id, o.trader_id, o.client_order_id, o.price, o.qty,
+                          o.leaves_qty) for o in self.iter_orders(side))
+        return (self.symbol, side_state(Side.BUY), side_state(Side.SELL))
+
+    def state_hash(self) -> str:
+        return hashlib.sha256(repr(self.state_tuple()).encode()).hexdigest()

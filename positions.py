@@ -1,0 +1,145 @@
+"""Exact accounting: positions, cash, fees, realized and unrealized PnL per trader.
+
+All money is an integer count of ``1 / MONEY_SCALE`` currency units and all prices are
+integer ticks, so every sum is exact; nothing here is a running float. A position's cost
+is kept as ``open_cost`` (signed ticks x lots). Closing part of a position moves a
+floored share of that cost into realized PnL; the rounding stays inside ``open_cost``
+and vanishes when the position is flat, so realized + unrealized is always exact.
+
+``realized_pnl`` is net of fees, so ``equity = initial cash + realized + unrealized``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from config import MONEY_SCALE
+
+
+def to_currency(units: int) -> float:
+    """Money units to currency for the wire (the only place a float appears)."""
+    return units / MONEY_SCALE
+
+
+class Position:
+    __slots__ = ("fees", "open_cost", "qty", "realized")
+
+    def __init__(self) -> None:
+        self.qty = 0  # signed lots: long > 0, short < 0
+        self.open_cost = 0  # signed ticks x lots paid for the open position
+        self.realized = 0  # money units, net of fees
+        self.fees = 0  # money units paid (negative: rebates earned)
+
+    def avg_price(self) -> float:
+        """Average entry price in ticks (0 when flat)."""
+        return self.open_cost / self.qty if self.qty else 0.0
+
+    def unrealized(self, mark: int, tick_value: int) -> int:
+        return (self.qty * mark - self.open_cost) * tick_value
+
+
+class Account:
+    __slots__ = ("cash", "positions", "trader_id")
+
+    def __init__(self, trader_id: str, cash: int) -> None:
+        self.trader_id = trader_id
+        self.cash = cash
+        self.positions: dict[str, Position] = {}
+
+    def position(self, symbol: str) -> Position:
+        position = self.positions.get(symbol)
+        if position is None:
+            position = self.positions[symbol] = Position()
+        return position
+
+
+@dataclass(slots=True)
+class PositionReport:
+    """A trader's standing in one symbol, valued at a mark price (money in units)."""
+
+    trader_id: str
+    symbol: str
+    position: int
+    avg_price: float  # ticks
+    cash: int
+    realized_pnl: int
+    unrealized_pnl: int
+    equity: int
+    fees: int
+
+
+class Ledger:
+    """Every trader's account, and the fees the exchange collected."""
+
+    def __init__(self, initial_cash: int, tick_values: dict[str, int]) -> None:
+        self.initial_cash = initial_cash
+        self.tick_values = tick_values
+        self.accounts: dict[str, Account] = {}
+        self.fee_income = 0  # money units; cash + fee_income over all accounts is conserved
+        # traders holding a position, per symbol, in first-held order (deterministic)
+        self.holders: dict[str, dict[str, None]] = {symbol: {} for symbol in tick_values}
+
+    def account(self, trader_id: str) -> Account:
+        account = self.accounts.get(trader_id)
+        if account is None:
+            account = self.accounts[trader_id] = Account(trader_id, self.initial_cash)
+        return account
+
+    def apply_fill(self, trader_id: str, symbol: str, is_buy: bool, price: int, qty: int,
+                   fee: int) -> Position:
+        """Book one fill; returns the updated position."""
+        tick_value = self.tick_values[symbol]
+        account = self.account(trader_id)
+        position = account.position(symbol)
+        signed = qty if is_buy else -qty
+        account.cash -= signed * price * tick_value + fee
+        position.fees += fee
+        position.realized -= fee
+        self.fee_income += fee
+        held = position.qty
+        if held == 0 or (held > 0) == is_buy:
+            position.open_cost += signed * price
+            position.qty = held + signed
+        else:
+            held_abs = -held if held < 0 else held
+            closing = qty if qty < held_abs else held_abs
+            cost_abs = position.open_cost if held > 0 else -position.open_cost
+            closed_cost = cost_abs * closing // held_abs
+            pnl_ticks = price * closing - closed_cost if held > 0 else closed_cost - price * closing
+            position.realized += pnl_ticks * tick_value
+            position.open_cost -= closed_cost if held > 0 else -closed_cost
+            remaining = qty - closing  # opens the other way when the position flips
+            position.qty = held + signed
+            if remaining:
+                position.open_cost = signed // qty * remaining * price
+        holders = self.holders[symbol]
+        if position.qty:
+            holders[trader_id] = None
+        else:
+            holders.pop(trader_id, None)
+        return position
+
+    def equity(self, trader_id: str, marks: dict[str, int]) -> int:
+        account = self.account(trader_id)
+        equity = account.cash
+        tick_values = self.tick_values
+        for symbol, position in account.positions.items():
+            if position.qty:
+                equity += position.qty * marks[symbol] * tick_values[symbol]
+        return equity
+
+    def report(self, trader_id: str, symbol: str, marks: dict[str, int]) -> PositionReport:
+        """One symbol's position; ``cash`` and ``equity`` are the whole account's."""
+        account = self.account(trader_id)
+        position = account.positions.get(symbol) or Position()
+        unrealized = position.unrealized(marks[symbol], self.tick_values[symbol])
+        return PositionReport(trader_id, symbol, position.qty, position.avg_price(),
+                              account.cash, position.realized, unrealized,
+                              self.equity(trader_id, marks), position.fees)
+
+    def state_tuple(self) -> tuple:
+        return (self.fee_income, tuple(
+            (trader_id, account.cash, tuple(
+                (symbol, p.qty, p.open_cost, p.realized, p.fees)
+                for symbol, p in sorted(account.positions.items())))
+            for trader_id, account in sorted(self.accounts.items())))

@@ -1,0 +1,103 @@
+"""Pre-trade risk checks: order size, worst-case position, price band, open orders, rate.
+
+Pure functions of the trader's state and the order; the engine calls them before an
+order touches the book, so a rejected order changes nothing. Time comes from the
+command's ``ts`` (microseconds), never from a clock.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from config import RiskConfig
+from models import RejectCode, TraderStatus
+
+if TYPE_CHECKING:
+    from orderbook import Order
+
+Reject = tuple[RejectCode, str]
+
+_MICRO = 1_000_000
+
+
+class TraderState:
+    """What the engine tracks per trader besides accounting."""
+
+    __slots__ = ("exposure", "live_orders", "rate_tokens", "rate_ts", "status", "trader_id")
+
+    def __init__(self, trader_id: str, burst: int) -> None:
+        self.trader_id = trader_id
+        self.live_orders: dict[str, Order] = {}  # by client_order_id, stops included
+        # symbol -> [open buy qty, open sell qty]: what open orders could still add
+        self.exposure: dict[str, list[int]] = {}
+        self.rate_tokens = burst * _MICRO  # token bucket, in millionths of a message
+        self.rate_ts: int | None = None
+        self.status = TraderStatus.OK
+
+    def open_qty(self, symbol: str) -> list[int]:
+        exposure = self.exposure.get(symbol)
+        if exposure is None:
+            exposure = self.exposure[symbol] = [0, 0]
+        return exposure
+
+
+class RiskManager:
+    def __init__(self, config: RiskConfig) -> None:
+        self.max_order_qty = config.max_order_qty
+        self.max_position = config.max_position
+        self.max_open_orders = config.max_open_orders
+        self.burst = config.rate_limit_burst
+        self._capacity = config.rate_limit_burst * _MICRO
+        self._refill_per_us = round(config.rate_limit_per_sec)  # millionths per microsecond
+
+    def new_trader(self, trader_id: str) -> TraderState:
+        return TraderState(trader_id, self.burst)
+
+    def take_rate_token(self, trader: TraderState, ts: int) -> Reject | None:
+        """Token bucket on the message's own timestamp: ``rate_limit_per_sec`` sustained,
+        ``rate_limit_burst`` at once."""
+        tokens = trader.rate_tokens
+        if trader.rate_ts is not None and ts > trader.rate_ts:
+            tokens = min(self._capacity, tokens + (ts - trader.rate_ts) * self._refill_per_us)
+        trader.rate_ts = ts if trader.rate_ts is None or ts > trader.rate_ts else trader.rate_ts
+        if tokens < _MICRO:
+            trader.rate_tokens = tokens
+            return RejectCode.RATE_LIMITED, "message rate limit exceeded; slow down"
+        trader.rate_tokens = tokens - _MICRO
+        return None
+
+    def check_order(self, trader: TraderState, symbol: str, is_buy: bool, qty: int,
+                    added_qty: int, position: int, new_orders: int) -> Reject | None:
+        """Size, open-order count and worst-case position for an order of ``qty`` that
+        adds ``added_qty`` to the trader's open quantity on its side (an amend adds the
+        difference) and ``new_orders`` (0 or 1) to its open-order count."""
+        if qty > self.max_order_qty:
+            return (RejectCode.RISK_MAX_ORDER_QTY,
+                    f"qty {qty} exceeds max_order_qty {self.max_order_qty}")
+        if new_orders and len(trader.live_orders) >= self.max_open_orders:
+            return (RejectCode.RISK_MAX_OPEN_ORDERS,
+                    f"already {len(trader.live_orders)} open orders "
+                    f"(max_open_orders {self.max_open_orders})")
+        open_buy, open_sell = trader.exposure.get(symbol) or (0, 0)
+        worst = position + open_buy + added_qty if is_buy else position - open_sell - added_qty
+        if abs(worst) > self.max_position:
+            return (RejectCode.RISK_MAX_POSITION,
+                    f"position could reach {worst} if open orders fill "
+                    f"(max_position {self.max_position})")
+        return None
+
+
+def check_price_band(price: int, reference: int, band_bps: int) -> Reject | None:
+    """A limit price must lie within ``band_bps`` of the reference price."""
+    band = reference * band_bps // 10_000
+    if price < reference - band or price > reference + band:
+        return (RejectCode.RISK_PRICE_BAND,
+                f"price {price} is outside the band {reference - band}..{reference + band} "
+                f"around the reference price {reference}")
+    return None
+
+
+def band_limit(is_buy: bool, reference: int, band_bps: int) -> int:
+    """The worst price a market order may trade at: the edge of the band."""
+    band = reference * band_bps // 10_000
+    return reference + band if is_buy else max(1, reference - band)
