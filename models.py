@@ -541,3 +541,50 @@ _PARSERS = {
     "get_position": _parse_get_position,
     "get_open_orders": _parse_get_open_orders,
 }
+
+
+# --------------------------------------------------------------------------- encoding
+
+EVENT_TYPE_NAMES: dict[type, str] = {
+    OrderAccepted: "order_accepted",
+    OrderRejected: "order_rejected",
+    CancelRejected: "cancel_rejected",
+    AmendRejected: "amend_rejected",
+    Trade: "trade",
+    OrderCanceled: "order_canceled",
+    OrderAmended: "order_amended",
+    OrderTriggered: "order_triggered",
+    BookChanged: "book_changed",
+    PositionChanged: "position_changed",
+    TraderStatusChanged: "trader_status_changed",
+    MarketStatusChanged: "market_status_changed",
+}
+EVENT_TYPES_BY_NAME = {name: cls for cls, name in EVENT_TYPE_NAMES.items()}
+_EVENT_FIELDS = {cls: cls.__slots__ for cls in EVENT_TYPE_NAMES}
+_ENUM_FIELDS = {
+    "side": Side, "order_type": OrderType, "tif": TimeInForce, "reason": CancelReason,
+    "code": RejectCode, "aggressor": Side, "action": BookAction, "status": TraderStatus,
+}
+
+
+def event_to_dict(event: Event, seq: int | None = None) -> dict[str, Any]:
+    """An engine event as a JSON-ready dict: ``type`` first, then ``seq``, then its
+    fields by name (enums as their string values, money as integer units)."""
+    message: dict[str, Any] = {"type": EVENT_TYPE_NAMES[type(event)]}
+    if seq is not None:
+        message["seq"] = seq
+    for name in _EVENT_FIELDS[type(event)]:
+        value = getattr(event, name)
+        message[name] = value.value if isinstance(value, Enum) else value
+    return message
+
+
+def event_from_dict(message: dict[str, Any]) -> Event:
+    """The inverse of ``event_to_dict`` (``type`` and ``seq`` are dropped)."""
+    cls = EVENT_TYPES_BY_NAME[message["type"]]
+    kwargs = {}
+    for name in _EVENT_FIELDS[cls]:
+        value = message[name]
+        enum = _ENUM_FIELDS.get(name)
+        kwargs[name] = enum(value) if enum is not None and value is not None else value
+    return cls(**kwargs)
