@@ -608,7 +608,7 @@ class Engine:
     def _flatten(self, trader: TraderState) -> None:
         """Send IOC market orders against the book for every open position; if the book
         cannot take them all, the rest waits for the next price move."""
-        account = self.ledger.account(trader.trader_id)
+        account = self.ledger.view(trader.trader_id)
         for symbol in sorted(account.positions):
             held = account.positions[symbol].qty
             if not held:

@@ -26,7 +26,7 @@ class MarginRiskManager:
                          extra_symbol: str | None = None, extra_buy: int = 0,
                          extra_sell: int = 0) -> int:
         """Initial margin for the trader's worst case, with an extra order counted."""
-        account = self.ledger.account(trader.trader_id)
+        account = self.ledger.view(trader.trader_id)
         tick_values = self.ledger.tick_values
         symbols = set(account.positions) | set(trader.exposure)
         if extra_symbol is not None:
@@ -58,7 +58,7 @@ class MarginRiskManager:
         return None
 
     def maintenance_required(self, trader_id: str, marks: dict[str, int]) -> int:
-        account = self.ledger.account(trader_id)
+        account = self.ledger.view(trader_id)
         tick_values = self.ledger.tick_values
         notional = sum(abs(p.qty) * marks[symbol] * tick_values[symbol]
                        for symbol, p in account.positions.items() if p.qty)
@@ -66,7 +66,7 @@ class MarginRiskManager:
 
     def margin_used(self, trader_id: str, marks: dict[str, int]) -> int:
         """Initial margin tied up by the open positions alone."""
-        account = self.ledger.account(trader_id)
+        account = self.ledger.view(trader_id)
         tick_values = self.ledger.tick_values
         notional = sum(abs(p.qty) * marks[symbol] * tick_values[symbol]
                        for symbol, p in account.positions.items() if p.qty)

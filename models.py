@@ -113,6 +113,7 @@ class RejectCode(StrEnum):
     RATE_LIMITED = "RATE_LIMITED"
     MARKET_CLOSED = "MARKET_CLOSED"
     TRADER_LIQUIDATING = "TRADER_LIQUIDATING"
+    INTERNAL_ERROR = "INTERNAL_ERROR"  # a bug on the exchange's side; the input changed nothing
 
 
 # --------------------------------------------------------------------------- commands

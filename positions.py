@@ -80,10 +80,16 @@ class Ledger:
         self.holders: dict[str, dict[str, None]] = {symbol: {} for symbol in tick_values}
 
     def account(self, trader_id: str) -> Account:
+        """The trader's account, opened on first use (only fills open accounts)."""
         account = self.accounts.get(trader_id)
         if account is None:
             account = self.accounts[trader_id] = Account(trader_id, self.initial_cash)
         return account
+
+    def view(self, trader_id: str) -> Account:
+        """The trader's account for reading: a fresh one, not stored, if it has none, so a
+        query never changes the ledger's state."""
+        return self.accounts.get(trader_id) or Account(trader_id, self.initial_cash)
 
     def apply_fill(self, trader_id: str, symbol: str, is_buy: bool, price: int, qty: int,
                    fee: int) -> Position:
@@ -120,7 +126,7 @@ class Ledger:
         return position
 
     def equity(self, trader_id: str, marks: dict[str, int]) -> int:
-        account = self.account(trader_id)
+        account = self.view(trader_id)
         equity = account.cash
         tick_values = self.tick_values
         for symbol, position in account.positions.items():
@@ -130,7 +136,7 @@ class Ledger:
 
     def report(self, trader_id: str, symbol: str, marks: dict[str, int]) -> PositionReport:
         """One symbol's position; ``cash`` and ``equity`` are the whole account's."""
-        account = self.account(trader_id)
+        account = self.view(trader_id)
         position = account.positions.get(symbol) or Position()
         unrealized = position.unrealized(marks[symbol], self.tick_values[symbol])
         return PositionReport(trader_id, symbol, position.qty, position.avg_price(),
