@@ -75,16 +75,17 @@ class StopBook:
         else:
             heapq.heappush(self.sell_stops, (-order.stop_price, order.order_id, order))
 
-    def pop_triggered(self, last_price: int) -> list[Order]:
-        """Orders whose stop the trade price ``last_price`` reached, in trigger order:
-        by stop price nearest the market first, then by arrival."""
+    def pop_triggered(self, low: int, high: int) -> list[Order]:
+        """Orders whose stop was reached by trades printed between ``low`` and ``high``,
+        in trigger order: buy stops then sell stops, each nearest the market first, then
+        by arrival."""
         triggered = []
         buys, sells = self.buy_stops, self.sell_stops
-        while buys and buys[0][0] <= last_price:
+        while buys and buys[0][0] <= high:
             order = heapq.heappop(buys)[2]
             if order.leaves_qty:
                 triggered.append(order)
-        while sells and -sells[0][0] >= last_price:
+        while sells and -sells[0][0] >= low:
             order = heapq.heappop(sells)[2]
             if order.leaves_qty:
                 triggered.append(order)
@@ -120,7 +121,9 @@ class Engine:
         self._events: list[Any] = []
         self._ts = 0
         self._triggered: deque[Order] = deque()
-        self._moved: dict[str, None] = {}  # symbols to settle: a trade printed or a stop came
+        # per symbol to settle, the [low, high] printed since the last settle: a sweep can
+        # print through a stop and end beyond it, and the stop must still trigger
+        self._moved: dict[str, list[int]] = {}
         self._liquidating: dict[str, None] = {}
         self._handlers: dict[type, Callable[[Any], None]] = {
             NewOrder: self._new_order,
@@ -259,7 +262,9 @@ class Engine:
         self._accept(order, trader)
         if cmd.stop_price is not None:
             self.stop_books[cmd.symbol].add(order)
-            self._moved[cmd.symbol] = None  # it may already be through its stop
+            last = self.last_prices[cmd.symbol]
+            if last is not None and cmd.symbol not in self._moved:
+                self._moved[cmd.symbol] = [last, last]  # it may already be through its stop
         else:
             self._execute(order, self.books[cmd.symbol])
 
@@ -372,7 +377,13 @@ class Engine:
         if not maker.leaves_qty:
             self._forget(maker)
         self.last_prices[symbol] = price
-        self._moved[symbol] = None
+        printed = self._moved.get(symbol)
+        if printed is None:
+            self._moved[symbol] = [price, price]
+        elif price < printed[0]:
+            printed[0] = price
+        elif price > printed[1]:
+            printed[1] = price
 
     def on_self_trade_cancel(self, maker: Order, canceled_qty: int, level_qty: int) -> None:
         self._report_cancel(maker, canceled_qty, CancelReason.SELF_TRADE, level_qty)
@@ -562,11 +573,9 @@ class Engine:
             if self._triggered:
                 self._run_triggered(self._triggered.popleft())
             elif self._moved:
-                for symbol in self._moved:
-                    last = self.last_prices[symbol]
-                    if last is not None:
-                        self._triggered.extend(self.stop_books[symbol].pop_triggered(last))
-                margin_due.update(self._moved)
+                for symbol, (low, high) in self._moved.items():
+                    self._triggered.extend(self.stop_books[symbol].pop_triggered(low, high))
+                    margin_due[symbol] = None
                 self._moved.clear()
             else:
                 if self.margin.enabled:

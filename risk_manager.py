@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 Reject = tuple[RejectCode, str]
 
-_MICRO = 1_000_000
+_TOKEN = 10**9  # one message in the bucket's units: nano-messages keep refill exact
 
 
 class TraderState:
@@ -30,7 +30,7 @@ class TraderState:
         self.live_orders: dict[str, Order] = {}  # by client_order_id, stops included
         # symbol -> [open buy qty, open sell qty]: what open orders could still add
         self.exposure: dict[str, list[int]] = {}
-        self.rate_tokens = burst * _MICRO  # token bucket, in millionths of a message
+        self.rate_tokens = burst * _TOKEN  # token bucket, in nano-messages
         self.rate_ts: int | None = None
         self.status = TraderStatus.OK
 
@@ -47,8 +47,9 @@ class RiskManager:
         self.max_position = config.max_position
         self.max_open_orders = config.max_open_orders
         self.burst = config.rate_limit_burst
-        self._capacity = config.rate_limit_burst * _MICRO
-        self._refill_per_us = round(config.rate_limit_per_sec)  # millionths per microsecond
+        self._capacity = config.rate_limit_burst * _TOKEN
+        # nano-messages per microsecond: exact for rates given to a thousandth per second
+        self._refill_per_us = round(config.rate_limit_per_sec * 1_000)
 
     def new_trader(self, trader_id: str) -> TraderState:
         return TraderState(trader_id, self.burst)
@@ -60,10 +61,10 @@ class RiskManager:
         if trader.rate_ts is not None and ts > trader.rate_ts:
             tokens = min(self._capacity, tokens + (ts - trader.rate_ts) * self._refill_per_us)
         trader.rate_ts = ts if trader.rate_ts is None or ts > trader.rate_ts else trader.rate_ts
-        if tokens < _MICRO:
+        if tokens < _TOKEN:
             trader.rate_tokens = tokens
             return RejectCode.RATE_LIMITED, "message rate limit exceeded; slow down"
-        trader.rate_tokens = tokens - _MICRO
+        trader.rate_tokens = tokens - _TOKEN
         return None
 
     def check_order(self, trader: TraderState, symbol: str, is_buy: bool, qty: int,
