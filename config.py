@@ -46,7 +46,9 @@ class RiskConfig:
     max_order_qty: int = 1_000
     max_position: int = 5_000  # absolute lots, counting every open order filling
     max_open_orders: int = 200  # per trader, all symbols, stop orders included
-    rate_limit_per_sec: float = 500.0  # sustained new/amend/cancel messages per trader
+    # sustained new_order/amend_order messages per trader; cancels are never limited, so
+    # a trader can always pull its quotes
+    rate_limit_per_sec: float = 500.0
     rate_limit_burst: int = 1_000
 
 
@@ -135,6 +137,9 @@ def validate(config: ExchangeConfig) -> None:
     for name in ("max_order_qty", "max_position", "max_open_orders", "rate_limit_per_sec",
                  "rate_limit_burst"):
         _positive(f"risk.{name}", getattr(config.risk, name))
+    if config.risk.rate_limit_per_sec < 0.001:
+        raise ConfigError("risk.rate_limit_per_sec: must be at least 0.001 (the bucket's "
+                          f"resolution), got {config.risk.rate_limit_per_sec!r}")
     margin = config.margin
     if not 0 <= margin.maintenance_margin_pct <= margin.initial_margin_pct <= 100:
         raise ConfigError("margin: need 0 <= maintenance_margin_pct <= initial_margin_pct <= 100")

@@ -620,8 +620,8 @@ class Engine:
         account = self.ledger.view(trader.trader_id)
         for symbol in sorted(account.positions):
             held = account.positions[symbol].qty
-            if not held:
-                continue
+            if not held or not self.market_open[symbol]:
+                continue  # a closed market trades nothing, liquidations included
             order = Order(self.next_order_id, trader.trader_id, f"~liq-{self.next_order_id}",
                           symbol, Side.SELL if held > 0 else Side.BUY, OrderType.MARKET, None,
                           abs(held), TimeInForce.IOC, False, StpMode.CANCEL_RESTING, None,
