@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DURATION ?= 60
 SEED ?= 42
+DEMO_ARGS ?=
 
 .PHONY: demo test test-long lint bench clean
 
@@ -16,7 +17,7 @@ $(STAMP): requirements.txt
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) demo.py --duration $(DURATION) --seed $(SEED)
+	$(PY) demo.py --duration $(DURATION) --seed $(SEED) $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m ruff check .

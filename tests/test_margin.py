@@ -1,0 +1,218 @@
+"""Margin: initial margin to open exposure, maintenance margin and liquidation.
+
+Every trader starts with 1000.00 here, so 100 lots at 100.00 (10000 ticks) is a 10,000
+notional that needs exactly the 1,000 of initial margin (10%) a trader has, and keeps it
+while equity stays above 5% of the position's value at the mark.
+"""
+
+from __future__ import annotations
+
+from unittest.mock import ANY
+
+from config import MONEY_SCALE
+from models import (
+    AmendOrder,
+    AmendRejected,
+    BookAction,
+    BookChanged,
+    CancelReason,
+    OrderAccepted,
+    OrderCanceled,
+    OrderRejected,
+    OrderType,
+    RejectCode,
+    SetMarketOpen,
+    TimeInForce,
+    Trade,
+    TraderStatus,
+    TraderStatusChanged,
+)
+from tests.conftest import (
+    ALT,
+    BUY,
+    SELL,
+    SYM,
+    TICK_VALUE,
+    Harness,
+    limit,
+    make_config,
+    market,
+    of_type,
+    position,
+    trade,
+    two_symbol_config,
+)
+
+CASH = 1_000 * MONEY_SCALE
+TV = TICK_VALUE
+EXECUTE, CANCEL = BookAction.EXECUTE, BookAction.CANCEL
+
+
+def margin_harness(**margin: object) -> Harness:
+    return Harness(make_config(margin={"initial_cash": 1_000.0, **margin}))
+
+
+def liquidation_ack(ts: int, order_id: int, trader: str, side: str, qty: int) -> OrderAccepted:
+    # the exchange names its own liquidation orders; the name is not part of the contract
+    return OrderAccepted(ts, order_id, trader, ANY, SYM, BUY if side == "buy" else SELL,
+                         OrderType.MARKET, None, None, qty, TimeInForce.IOC, False, True)
+
+
+def go_long_100_at_100(h: Harness) -> None:
+    """L buys 100 lots at 10000 from M and also rests a sell (orders 1, 2 and 3)."""
+    h.send_all([limit("M", "m1", SELL, 100, 10_000), limit("L", "l1", BUY, 100, 10_000),
+                limit("L", "l2", SELL, 50, 10_500)])
+    assert h.engine.trader_status("L") is TraderStatus.OK
+
+
+# ------------------------------------------------------------------ initial margin
+
+
+def test_reject_order_when_it_needs_more_initial_margin_than_equity() -> None:
+    h = margin_harness()
+    assert h.send(limit("L", "l1", BUY, 101, 10_000)) == [
+        OrderRejected(h.now, "L", "l1", RejectCode.RISK_INSUFFICIENT_MARGIN, ANY)]
+    assert of_type(h.send(limit("L", "l2", BUY, 100, 10_000)), OrderAccepted) != []
+
+
+def test_count_only_the_worse_side_when_orders_rest_on_both_sides() -> None:
+    h = margin_harness()
+    h.send(limit("L", "l1", BUY, 100, 9_900))
+    # either side filling leaves at most 100 lots: the sell needs no extra margin
+    assert of_type(h.send(limit("L", "l2", SELL, 100, 10_100)), OrderAccepted) != []
+    assert of_type(h.send(limit("L", "l3", BUY, 1, 9_800)), OrderRejected)[0].code is \
+        RejectCode.RISK_INSUFFICIENT_MARGIN
+
+
+def test_value_new_exposure_at_the_mid_when_nothing_has_printed() -> None:
+    h = margin_harness()
+    h.send_all([limit("M", "m1", BUY, 1, 9_400), limit("M", "m2", SELL, 1, 9_600)])
+    # marked at the 9500 mid, 1000 of equity carries 105 lots, not the 100 of the reference
+    assert of_type(h.send(limit("L", "l1", BUY, 106, 9_000)), OrderRejected)[0].code is \
+        RejectCode.RISK_INSUFFICIENT_MARGIN
+    assert of_type(h.send(limit("L", "l2", BUY, 105, 9_000)), OrderAccepted) != []
+
+
+def test_reject_amend_when_the_added_qty_needs_more_margin_than_equity() -> None:
+    h = margin_harness()
+    h.send(limit("L", "l1", BUY, 90, 9_900))
+    assert h.send(AmendOrder("L", 1, None, None, 101)) == [
+        AmendRejected(h.now, "L", 1, None, RejectCode.RISK_INSUFFICIENT_MARGIN, ANY)]
+    assert h.queue(BUY) == [(9_900, 1, 90)]
+
+
+def test_accept_any_size_when_margin_is_disabled() -> None:
+    h = margin_harness(enabled=False)
+    assert of_type(h.send(limit("L", "l1", BUY, 1_000, 10_000)), OrderAccepted) != []
+
+
+def test_report_margin_used_when_a_position_is_open() -> None:
+    h = margin_harness()
+    go_long_100_at_100(h)
+    assert h.engine.margin_used("L") == 100 * 10_000 * TV // 10
+
+
+# ------------------------------------------------------------------ maintenance
+
+
+def test_keep_the_trader_ok_when_the_mark_stays_above_maintenance() -> None:
+    h = margin_harness()
+    go_long_100_at_100(h)
+    # at 9500 equity is 500 against 475 of maintenance
+    h.send_all([limit("B", "b1", BUY, 1, 9_500), limit("S", "s1", SELL, 1, 9_500)])
+    assert of_type(h.events, TraderStatusChanged) == []
+    assert h.live_ids("L") == [3]
+
+
+def test_liquidate_when_a_mark_move_takes_equity_below_maintenance() -> None:
+    h = margin_harness()
+    go_long_100_at_100(h)
+    h.send_all([limit("B1", "b1", BUY, 1, 9_400), limit("B2", "b2", BUY, 100, 9_300)])
+    # a print at 9400: equity 1000 - 600 = 400 < 470 of maintenance
+    events = h.send(limit("S", "s1", SELL, 1, 9_400))
+    ts = h.now
+    liquidation = of_type(events, OrderAccepted)[1]
+    assert events[5:] == [
+        TraderStatusChanged(ts, "L", TraderStatus.MARGIN_CALL),
+        OrderCanceled(ts, 3, "L", "l2", SYM, SELL, 50, CancelReason.LIQUIDATION),
+        BookChanged(SYM, CANCEL, 3, SELL, 10_500, 0, 0),
+        TraderStatusChanged(ts, "L", TraderStatus.LIQUIDATING),
+        liquidation_ack(ts, 7, "L", "sell", 100),
+        trade(ts, 3, 9_300, 100, SELL, buy=(5, "B2", "b2"),
+              sell=(7, "L", liquidation.client_order_id), buy_leaves=0, sell_leaves=0,
+              liquidation=True),
+        BookChanged(SYM, EXECUTE, 5, BUY, 9_300, 0, 0),
+        position(ts, "B2", 100, 930_000, CASH - 100 * 9_300 * TV),
+        position(ts, "L", 0, 0, CASH - 100 * 700 * TV, -100 * 700 * TV),
+        TraderStatusChanged(ts, "L", TraderStatus.OK),
+    ]
+    assert h.engine.trader_status("L") is TraderStatus.OK
+    assert h.live_ids("L") == []
+
+
+def test_buy_back_a_short_when_a_rally_breaches_maintenance() -> None:
+    h = margin_harness()
+    h.send_all([limit("M", "m1", BUY, 100, 10_000), limit("L", "l1", SELL, 100, 10_000),
+                limit("A", "a1", SELL, 100, 10_700)])
+    # at 10600 equity is 1000 - 600 = 400 against 530 of maintenance
+    h.send_all([limit("S", "s1", SELL, 1, 10_600), limit("B", "b1", BUY, 1, 10_600)])
+    liquidations = [e for e in of_type(h.events, OrderAccepted) if e.liquidation]
+    assert liquidations == [liquidation_ack(h.now, 6, "L", "buy", 100)]
+    assert [(t.price, t.qty, t.liquidation) for t in of_type(h.events, Trade)][-1] == \
+        (10_700, 100, True)
+    assert h.engine.position_report("L", SYM).position == 0
+
+
+def test_stay_liquidating_and_retry_on_the_next_print_when_no_liquidity_is_found() -> None:
+    h = margin_harness()
+    go_long_100_at_100(h)
+    h.send(limit("B1", "b1", BUY, 1, 9_400))
+    events = h.send(limit("S", "s1", SELL, 1, 9_400))
+    ts = h.now
+    assert events[-3:] == [
+        TraderStatusChanged(ts, "L", TraderStatus.LIQUIDATING),
+        liquidation_ack(ts, 6, "L", "sell", 100),
+        OrderCanceled(ts, 6, "L", ANY, SYM, SELL, 100, CancelReason.IOC),
+    ]
+    assert h.engine.trader_status("L") is TraderStatus.LIQUIDATING
+    assert h.engine.position_report("L", SYM).position == 100
+    # a liquidating trader may not trade its way out by itself
+    assert h.send(limit("L", "l3", SELL, 100, 9_300)) == [
+        OrderRejected(h.now, "L", "l3", RejectCode.TRADER_LIQUIDATING, ANY)]
+    assert h.send(market("L", "l4", SELL, 1)) == [
+        OrderRejected(h.now, "L", "l4", RejectCode.TRADER_LIQUIDATING, ANY)]
+    # new bids alone are no print: nothing happens until the next trade
+    assert h.send(limit("B2", "b2", BUY, 101, 9_300))[-1] == \
+        BookChanged(SYM, BookAction.ADD, 7, BUY, 9_300, 101, 101)
+    events = h.send(limit("S", "s2", SELL, 1, 9_300))
+    ts = h.now
+    assert [(t.sell_trader, t.qty, t.liquidation) for t in of_type(events, Trade)] == [
+        ("S", 1, False), ("L", 100, True)]
+    assert of_type(events, TraderStatusChanged) == [
+        TraderStatusChanged(ts, "L", TraderStatus.OK)]
+    assert h.engine.trader_status("L") is TraderStatus.OK
+    assert h.engine.position_report("L", SYM).position == 0
+    # and, back to ok, it trades again
+    assert of_type(h.send(limit("L", "l5", BUY, 1, 9_200)), OrderAccepted) != []
+
+
+def test_hold_the_liquidation_when_its_market_is_closed() -> None:
+    h = Harness(two_symbol_config(margin={"initial_cash": 1_000.0}))
+    go_long_100_at_100(h)
+    h.send_all([limit("B1", "b1", BUY, 1, 9_400), limit("S", "s1", SELL, 1, 9_400)])
+    assert h.engine.trader_status("L") is TraderStatus.LIQUIDATING  # no bids left to sell to
+    h.send_all([limit("B2", "b2", BUY, 100, 9_300), SetMarketOpen(False, SYM)])
+    # a print in another, open market must not make the closed one trade
+    events = h.send_all([limit("x", "x1", SELL, 1, 5_000, symbol=ALT),
+                         limit("y", "y1", BUY, 1, 5_000, symbol=ALT)])
+    assert [t.symbol for t in of_type(events, Trade)] == [ALT]
+    assert h.engine.trader_status("L") is TraderStatus.LIQUIDATING
+    assert h.engine.position_report("L", SYM).position == 100
+    assert h.depth(BUY) == [(9_300, 100)]
+    # once it reopens, the next print resumes the liquidation
+    h.send(SetMarketOpen(True, SYM))
+    events = h.send_all([limit("x", "x2", SELL, 1, 5_000, symbol=ALT),
+                         limit("y", "y2", BUY, 1, 5_000, symbol=ALT)])
+    assert [(t.symbol, t.qty, t.liquidation) for t in of_type(events, Trade)] == [
+        (ALT, 1, False), (SYM, 100, True)]
+    assert h.engine.trader_status("L") is TraderStatus.OK
