@@ -54,7 +54,14 @@ from positions import Ledger, PositionReport
 from risk_manager import Reject, RiskManager, TraderState, band_limit, check_price_band
 
 _BUY, _SELL = 0, 1  # indexes into TraderState.exposure lists
-_MARKET_LIKE = (OrderType.MARKET, OrderType.STOP)
+_BUY_SIDE = Side.BUY
+# Enum members as module constants: on the hot path a global read is several times
+# cheaper than the class attribute lookup an enum member costs.
+_MARKET, _STOP, _LIMIT = OrderType.MARKET, OrderType.STOP, OrderType.LIMIT
+_MARKET_LIKE = (_MARKET, _STOP)
+_GTC, _FOK = TimeInForce.GTC, TimeInForce.FOK
+_OK, _LIQUIDATING = TraderStatus.OK, TraderStatus.LIQUIDATING
+_ADD, _CANCEL, _EXECUTE = BookAction.ADD, BookAction.CANCEL, BookAction.EXECUTE
 
 
 class StopBook:
@@ -125,6 +132,8 @@ class Engine:
         # print through a stop and end beyond it, and the stop must still trigger
         self._moved: dict[str, list[int]] = {}
         self._liquidating: dict[str, None] = {}
+        self._margin_dirty: dict[str, None] = {}  # traders a fill changed since the last check
+        self._all_traded = False  # once every symbol traded, marks() is last_prices itself
         self._handlers: dict[type, Callable[[Any], None]] = {
             NewOrder: self._new_order,
             CancelOrder: self._cancel,
@@ -164,6 +173,10 @@ class Engine:
         return self.reference_prices[symbol]
 
     def marks(self) -> dict[str, int]:
+        """Every symbol's mark. Read-only: once every symbol has traded this is the
+        engine's own ``last_prices`` dict, not a copy."""
+        if self._all_traded:
+            return self.last_prices  # type: ignore[return-value]
         return {symbol: self.mark_price(symbol) for symbol in self.symbols}
 
     def reference_price(self, symbol: str) -> int:
@@ -275,24 +288,19 @@ class Engine:
             return RejectCode.UNKNOWN_SYMBOL, f"unknown symbol {symbol!r}"
         if not self.market_open[symbol]:
             return RejectCode.MARKET_CLOSED, f"{symbol} is closed for trading"
-        if trader.status is not TraderStatus.OK:
+        if trader.status is not _OK:
             return RejectCode.TRADER_LIQUIDATING, "the trader is being liquidated"
         if cmd.client_order_id in trader.live_orders:
             return (RejectCode.DUPLICATE_CLIENT_ORDER_ID,
                     f"client_order_id {cmd.client_order_id!r} is already live")
-        reject = self.risk.take_rate_token(trader, self._ts)
+        is_buy = cmd.side is _BUY_SIDE
+        last = self.last_prices[symbol]
+        reject = self.risk.check_new_order(
+            trader, self._ts, symbol, is_buy, cmd.qty, self._position(trader.trader_id, symbol),
+            cmd.price if cmd.order_type is _LIMIT else None,
+            self.reference_prices[symbol] if last is None else last, self.band_bps[symbol])
         if reject is not None:
             return reject
-        is_buy = cmd.side is Side.BUY
-        position = self._position(trader.trader_id, symbol)
-        reject = self.risk.check_order(trader, symbol, is_buy, cmd.qty, cmd.qty, position, 1)
-        if reject is not None:
-            return reject
-        if cmd.order_type is OrderType.LIMIT:
-            reject = check_price_band(cmd.price, self.reference_price(symbol),  # type: ignore[arg-type]
-                                      self.band_bps[symbol])
-            if reject is not None:
-                return reject
         reject = self.margin.check_order(trader, symbol, is_buy, cmd.qty, self.marks()) \
             if self.margin.enabled else None
         if reject is not None:
@@ -312,7 +320,8 @@ class Engine:
     def _accept(self, order: Order, trader: TraderState) -> None:
         self.orders[order.order_id] = order
         trader.live_orders[order.client_order_id] = order
-        trader.open_qty(order.symbol)[_BUY if order.is_buy else _SELL] += order.qty
+        exposure = trader.exposure.get(order.symbol) or trader.open_qty(order.symbol)
+        exposure[_BUY if order.is_buy else _SELL] += order.qty
         self._events.append(OrderAccepted(
             self._ts, order.order_id, order.trader_id, order.client_order_id, order.symbol,
             order.side, order.order_type, order.price, order.stop_price, order.qty, order.tif,
@@ -328,7 +337,7 @@ class Engine:
             limit = band_limit(is_buy, self.reference_price(symbol), self.band_bps[symbol])
         else:
             limit = order.price
-        if order.tif is TimeInForce.FOK and \
+        if order.tif is _FOK and \
                 book.fillable_qty(order, limit, order.leaves_qty) < order.leaves_qty:
             self._cancel_unrested(order, CancelReason.FOK)
             return
@@ -337,9 +346,9 @@ class Engine:
             self._forget(order)
         elif stopped:
             self._cancel_unrested(order, CancelReason.SELF_TRADE)
-        elif order.tif is TimeInForce.GTC and order.order_type not in _MARKET_LIKE:
+        elif order.tif is _GTC and order.order_type not in _MARKET_LIKE:
             level_qty = book.add(order)
-            self._events.append(BookChanged(order.symbol, BookAction.ADD, order.order_id,
+            self._events.append(BookChanged(order.symbol, _ADD, order.order_id,
                                             order.side, order.price, order.leaves_qty,  # type: ignore[arg-type]
                                             level_qty))
         else:
@@ -364,10 +373,12 @@ class Engine:
                             seller.order_id, buyer.trader_id, seller.trader_id,
                             buyer.client_order_id, seller.client_order_id, buyer.leaves_qty,
                             seller.leaves_qty, buy_fee, sell_fee, taker.liquidation))
-        events.append(BookChanged(symbol, BookAction.EXECUTE, maker.order_id, maker.side,
+        events.append(BookChanged(symbol, _EXECUTE, maker.order_id, maker.side,
                                   price, maker.leaves_qty, level_qty))
+        dirty = self._margin_dirty
         for order, fee in ((buyer, buy_fee), (seller, sell_fee)):
             trader_id = order.trader_id
+            dirty[trader_id] = None
             position = self.ledger.apply_fill(trader_id, symbol, order.is_buy, price, qty, fee)
             self.traders[trader_id].exposure[symbol][_BUY if order.is_buy else _SELL] -= qty
             events.append(PositionChanged(ts, trader_id, symbol, position.qty,
@@ -376,6 +387,9 @@ class Engine:
                                           position.realized, position.fees))
         if not maker.leaves_qty:
             self._forget(maker)
+        if self.last_prices[symbol] is None:
+            self.last_prices[symbol] = price
+            self._all_traded = None not in self.last_prices.values()
         self.last_prices[symbol] = price
         printed = self._moved.get(symbol)
         if printed is None:
@@ -459,7 +473,7 @@ class Engine:
         self._events.append(OrderCanceled(self._ts, order.order_id, order.trader_id,
                                           order.client_order_id, order.symbol, order.side,
                                           canceled_qty, reason))
-        self._events.append(BookChanged(order.symbol, BookAction.CANCEL, order.order_id,
+        self._events.append(BookChanged(order.symbol, _CANCEL, order.order_id,
                                         order.side, order.price, 0, level_qty))  # type: ignore[arg-type]
         self._forget(order)
 
@@ -595,13 +609,17 @@ class Engine:
         self._execute(order, self.books[symbol])
 
     def _check_margins(self, moved: list[str]) -> None:
+        """Check the traders a price move or a fill may have put below maintenance: those
+        whose safe band the new mark left, those whose account changed, and those still
+        being liquidated. In trader-id order, so the outcome never depends on history."""
         marks = self.marks()
-        candidates: dict[str, None] = dict(self._liquidating)
+        candidates = self._liquidating | self._margin_dirty
+        self._margin_dirty = {}
         for symbol in moved:
-            candidates.update(self.ledger.holders[symbol])
-        for trader_id in candidates:
+            candidates.update(dict.fromkeys(self.margin.watch.pop_outside(symbol, marks[symbol])))
+        for trader_id in sorted(candidates):
             trader = self.traders[trader_id]
-            if trader.status is TraderStatus.LIQUIDATING:
+            if trader.status is _LIQUIDATING:
                 self._flatten(trader)
             elif self.margin.in_breach(trader_id, marks):
                 self._liquidate(trader)

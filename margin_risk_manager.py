@@ -5,11 +5,19 @@
   order is counted.
 - Maintenance: when equity falls below ``maintenance_margin_pct`` of the open
   positions' value at the mark, the engine liquidates the trader.
+
+Checking every holder after every trade would cost O(traders) per trade. Instead a
+trader that passes a check gets a *safe band* per held symbol: the marks within which
+its slack (equity minus maintenance) cannot be used up. ``MarginWatch`` keeps the bands
+in heaps, so a trade re-checks only the traders whose band it left (and the engine adds
+those whose account a fill changed).
 """
 
 from __future__ import annotations
 
-from config import MarginConfig
+import heapq
+
+from config import MONEY_SCALE, MarginConfig
 from models import RejectCode
 from positions import Ledger
 from risk_manager import Reject, TraderState
@@ -21,48 +29,42 @@ class MarginRiskManager:
         self.initial_bps = config.initial_bps
         self.maintenance_bps = config.maintenance_bps
         self.ledger = ledger
-
-    def initial_required(self, trader: TraderState, marks: dict[str, int],
-                         extra_symbol: str | None = None, extra_buy: int = 0,
-                         extra_sell: int = 0) -> int:
-        """Initial margin for the trader's worst case, with an extra order counted."""
-        account = self.ledger.view(trader.trader_id)
-        tick_values = self.ledger.tick_values
-        symbols = set(account.positions) | set(trader.exposure)
-        if extra_symbol is not None:
-            symbols.add(extra_symbol)
-        required = 0
-        for symbol in symbols:
-            position = account.positions.get(symbol)
-            held = position.qty if position else 0
-            open_buy, open_sell = trader.exposure.get(symbol) or (0, 0)
-            if symbol == extra_symbol:
-                open_buy += extra_buy
-                open_sell += extra_sell
-            worst = max(abs(held + open_buy), abs(held - open_sell))
-            required += worst * marks[symbol] * tick_values[symbol]
-        return required * self.initial_bps // 10_000
+        self.watch = MarginWatch()
 
     def check_order(self, trader: TraderState, symbol: str, is_buy: bool, added_qty: int,
                     marks: dict[str, int]) -> Reject | None:
+        """Would the trader's worst case, with ``added_qty`` more open on one side of
+        ``symbol``, need more initial margin than its equity?"""
         if not self.enabled or added_qty <= 0:
             return None
-        required = self.initial_required(trader, marks, symbol,
-                                         added_qty if is_buy else 0,
-                                         0 if is_buy else added_qty)
-        equity = self.ledger.equity(trader.trader_id, marks)
+        account = self.ledger.accounts.get(trader.trader_id)
+        positions = account.positions if account is not None else {}
+        equity = account.cash if account is not None else self.ledger.initial_cash
+        tick_values = self.ledger.tick_values
+        worst_value = 0
+        # exposure has an entry for every symbol the trader ever ordered in, so for every
+        # symbol it can hold: one pass covers the whole account
+        exposure = trader.exposure
+        for sym, (open_buy, open_sell) in exposure.items():
+            position = positions.get(sym)
+            held = position.qty if position is not None else 0
+            if sym == symbol:
+                if is_buy:
+                    open_buy += added_qty
+                else:
+                    open_sell += added_qty
+            value = marks[sym] * tick_values[sym]
+            equity += held * value
+            long_worst, short_worst = held + open_buy, open_sell - held
+            worst_value += (long_worst if long_worst > short_worst else short_worst) * value
+        if symbol not in exposure:  # the trader's first order in this symbol
+            worst_value += added_qty * marks[symbol] * tick_values[symbol]
+        required = worst_value * self.initial_bps // 10_000
         if required > equity:
             return (RejectCode.RISK_INSUFFICIENT_MARGIN,
-                    f"initial margin {required / 1e8:.2f} would exceed equity "
-                    f"{equity / 1e8:.2f}")
+                    f"initial margin {required / MONEY_SCALE:.2f} would exceed equity "
+                    f"{equity / MONEY_SCALE:.2f}")
         return None
-
-    def maintenance_required(self, trader_id: str, marks: dict[str, int]) -> int:
-        account = self.ledger.view(trader_id)
-        tick_values = self.ledger.tick_values
-        notional = sum(abs(p.qty) * marks[symbol] * tick_values[symbol]
-                       for symbol, p in account.positions.items() if p.qty)
-        return notional * self.maintenance_bps // 10_000
 
     def margin_used(self, trader_id: str, marks: dict[str, int]) -> int:
         """Initial margin tied up by the open positions alone."""
@@ -73,7 +75,90 @@ class MarginRiskManager:
         return notional * self.initial_bps // 10_000
 
     def in_breach(self, trader_id: str, marks: dict[str, int]) -> bool:
-        """Equity below maintenance margin: the trader must be liquidated."""
+        """Equity below maintenance margin: the trader must be liquidated.
+
+        A trader that passes is armed in ``watch`` with bands that split its slack over
+        its positions: a one-tick move changes equity by at most the position's tick
+        value and maintenance by ``maintenance_bps`` of that, plus 1 for rounding.
+        """
+        self.watch.disarm(trader_id)
         if not self.enabled:
             return False
-        return self.ledger.equity(trader_id, marks) < self.maintenance_required(trader_id, marks)
+        account = self.ledger.accounts.get(trader_id)
+        if account is None:
+            return False
+        tick_values = self.ledger.tick_values
+        equity = account.cash
+        notional = 0
+        held: list[tuple[str, int, int]] = []
+        for symbol, position in account.positions.items():
+            if position.qty:
+                mark = marks[symbol]
+                per_tick = abs(position.qty) * tick_values[symbol]
+                equity += position.qty * mark * tick_values[symbol]
+                notional += per_tick * mark
+                held.append((symbol, mark, per_tick))
+        slack = equity - notional * self.maintenance_bps // 10_000
+        if slack < 0:
+            return True
+        if held:
+            budget = max(slack - 1, 0) * 10_000
+            divisor = len(held) * (10_000 + self.maintenance_bps)
+            self.watch.arm(trader_id, [(symbol, mark - budget // (divisor * per_tick),
+                                        mark + budget // (divisor * per_tick))
+                                       for symbol, mark, per_tick in held])
+        return False
+
+
+class MarginWatch:
+    """Safe mark bands per trader and symbol, in heaps by each edge.
+
+    A trader is safe while every mark stays inside its band. Re-arming or disarming a
+    trader leaves its old heap entries behind; they carry the arming's number and are
+    skipped when popped, or dropped when a heap compacts itself.
+    """
+
+    def __init__(self) -> None:
+        self._lows: dict[str, list[tuple[int, int, str]]] = {}  # (-low edge, arming, trader)
+        self._highs: dict[str, list[tuple[int, int, str]]] = {}  # (high edge, arming, trader)
+        self._armed: dict[str, int] = {}  # trader -> its current arming number
+        self._armings = 0
+
+    def arm(self, trader_id: str, bands: list[tuple[str, int, int]]) -> None:
+        self._armings += 1
+        arming = self._armed[trader_id] = self._armings
+        for symbol, low, high in bands:
+            lows = self._lows.setdefault(symbol, [])
+            highs = self._highs.setdefault(symbol, [])
+            heapq.heappush(lows, (-low, arming, trader_id))
+            heapq.heappush(highs, (high, arming, trader_id))
+            if len(lows) > 4 * len(self._armed) + 64:
+                self._lows[symbol] = self._compacted(lows)
+                self._highs[symbol] = self._compacted(highs)
+
+    def disarm(self, trader_id: str) -> None:
+        self._armed.pop(trader_id, None)
+
+    def pop_outside(self, symbol: str, mark: int) -> list[str]:
+        """Disarm and return the traders whose band in ``symbol`` excludes ``mark``."""
+        left: list[str] = []
+        armed = self._armed
+        lows = self._lows.get(symbol)
+        while lows and -lows[0][0] > mark:
+            _, arming, trader_id = heapq.heappop(lows)
+            if armed.get(trader_id) == arming:
+                del armed[trader_id]
+                left.append(trader_id)
+        highs = self._highs.get(symbol)
+        while highs and highs[0][0] < mark:
+            _, arming, trader_id = heapq.heappop(highs)
+            if armed.get(trader_id) == arming:
+                del armed[trader_id]
+                left.append(trader_id)
+        return left
+
+    def _compacted(self, heap: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+        armed = self._armed
+        live = [entry for entry in heap if armed.get(entry[2]) == entry[1]]
+        heapq.heapify(live)
+        return live

@@ -22,6 +22,8 @@ from typing import Protocol
 
 from models import OrderType, Side, StpMode, TimeInForce
 
+_BUY_SIDE = Side.BUY  # a global read is much cheaper than an enum member lookup
+
 
 class Order:
     """One order's live state. Mutable: the book and engine update it in place."""
@@ -40,7 +42,7 @@ class Order:
         self.client_order_id = client_order_id
         self.symbol = symbol
         self.side = side
-        self.is_buy = side is Side.BUY
+        self.is_buy = side is _BUY_SIDE
         self.order_type = order_type
         self.price = price
         self.qty = qty  # current total quantity: filled + leaves
@@ -82,11 +84,11 @@ class PriceLevel:
     def live_orders(self) -> Iterator[Order]:
         return (order for order in self.orders if order.leaves_qty)
 
-    def compact_if_sparse(self) -> None:
-        # Lazy cancels leave dead entries behind; rebuilding once they outnumber the live
-        # ones keeps memory proportional to resting orders at amortised O(1) per cancel.
-        if len(self.orders) > 2 * self.live_count + 16:
-            self.orders = deque(order for order in self.orders if order.leaves_qty)
+    def compact(self) -> None:
+        """Drop dead entries. Lazy cancels leave them behind; the book compacts a level
+        once they outnumber the live ones, which keeps memory proportional to resting
+        orders at amortised O(1) per cancel."""
+        self.orders = deque(order for order in self.orders if order.leaves_qty)
 
 
 class MatchSink(Protocol):
@@ -213,7 +215,8 @@ class OrderBook:
 
         The caller has already matched it: resting a crossing order is a bug.
         """
-        level = (self.bids if order.is_buy else self.asks).level_for_insert(order.price)
+        side = self.bids if order.is_buy else self.asks
+        level = side.levels.get(order.price) or side.level_for_insert(order.price)
         level.orders.append(order)
         level.live_count += 1
         level.total_qty += order.leaves_qty
@@ -238,8 +241,8 @@ class OrderBook:
         level.live_count -= 1
         if level.live_count == 0:
             del side.levels[order.price]
-        else:
-            level.compact_if_sparse()
+        elif len(level.orders) > 2 * level.live_count + 16:
+            level.compact()
         return order, canceled, level.total_qty
 
     def reduce(self, order: Order, new_leaves: int) -> int:

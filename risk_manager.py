@@ -88,6 +88,18 @@ class RiskManager:
         return None
 
 
+    def check_new_order(self, trader: TraderState, ts: int, symbol: str, is_buy: bool,
+                        qty: int, position: int, limit_price: int | None, reference: int,
+                        band_bps: int) -> Reject | None:
+        """Every pre-trade check of a new order, in order: message rate, size, open
+        orders, worst-case position, and the price band (for a limit price)."""
+        reject = self.take_rate_token(trader, ts) or self.check_order(
+            trader, symbol, is_buy, qty, qty, position, 1)
+        if reject is None and limit_price is not None:
+            reject = check_price_band(limit_price, reference, band_bps)
+        return reject
+
+
 def check_price_band(price: int, reference: int, band_bps: int) -> Reject | None:
     """A limit price must lie within ``band_bps`` of the reference price."""
     band = reference * band_bps // 10_000
