@@ -9,98 +9,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
-import signal
-import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 import websockets
 
-ROOT = Path(__file__).resolve().parent.parent
-READY_TIMEOUT_S = 20.0
-STOP_TIMEOUT_S = 10.0
+from launcher import ROOT, ServerProcess, start_server, stop_process
+
+__all__ = ["ROOT", "Client", "ServerProcess", "connected", "logged_in", "running_exchange",
+           "running_process", "running_relay", "stop_process"]
+
 RECV_TIMEOUT_S = 5.0
-
-
-@dataclass
-class ServerProcess:
-    proc: asyncio.subprocess.Process
-    uris: dict[str, str]
-    stderr_lines: list[str] = field(default_factory=list)
-
-    @property
-    def stderr_text(self) -> str:
-        return "".join(self.stderr_lines)
-
-
-async def _drain(stream: asyncio.StreamReader | None, sink: list[str]) -> None:
-    # Keep reading so a chatty server never blocks on a full pipe.
-    if stream is None:
-        return
-    while line := await stream.readline():
-        sink.append(line.decode(errors="replace"))
-
-
-async def stop_process(proc: asyncio.subprocess.Process, sig: int = signal.SIGTERM) -> int:
-    """Ask a process to stop (SIGTERM), kill it if it does not; returns its exit code."""
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
-        try:
-            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-    return proc.returncode  # type: ignore[return-value]
 
 
 @contextlib.asynccontextmanager
 async def running_process(script: str, *args: str, cwd: Path | None = None,
                           env: dict[str, str] | None = None) -> AsyncIterator[ServerProcess]:
-    """Run ``python <ROOT/script> <args>`` until it prints READY; stop it afterwards."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(ROOT), full_env.get("PYTHONPATH")]))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / script), *args, cwd=cwd or ROOT, env=full_env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    server = ServerProcess(proc, {})
-    stderr_task = asyncio.create_task(_drain(proc.stderr, server.stderr_lines))
-    stdout_lines: list[str] = []
-    stdout_task: asyncio.Task[None] | None = None
+    """Run ``python <ROOT/script> <args>`` until it prints READY; always stop it after."""
+    server = await start_server(script, *args, cwd=cwd, env=env)
     try:
-        server.uris = await asyncio.wait_for(_read_ready(proc, stdout_lines), READY_TIMEOUT_S)
-        stdout_task = asyncio.create_task(_drain(proc.stdout, stdout_lines))
         yield server
-    except (asyncio.TimeoutError, EOFError) as exc:
-        await stop_process(proc)
-        await stderr_task
-        raise RuntimeError(f"{script} did not become ready ({exc!r}); stderr:\n"
-                           f"{server.stderr_text}") from None
     finally:
-        await stop_process(proc)
-        for task in (stderr_task, stdout_task):
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait_for(task, STOP_TIMEOUT_S)
-
-
-async def _read_ready(proc: asyncio.subprocess.Process, lines: list[str]) -> dict[str, str]:
-    assert proc.stdout is not None
-    while True:
-        raw = await proc.stdout.readline()
-        if not raw:
-            raise EOFError(f"exited with {await proc.wait()} before READY")
-        line = raw.decode()
-        lines.append(line)
-        if line.startswith("READY "):
-            return json.loads(line[len("READY "):])
+        await server.stop()
 
 
 def running_exchange(data_dir: Path, *args: str) -> contextlib.AbstractAsyncContextManager[
