@@ -131,6 +131,7 @@ class Demo:
         for handle in self.logs:
             handle.close()  # type: ignore[attr-defined]
         report = self.write_report()
+        self.print_leaderboard()
         print("\nRun finished.")
         print(f"  trades:      {self.data_dir / 'trades.csv'}")
         print(f"  performance: {self.data_dir / 'performance.csv'}")
@@ -138,6 +139,17 @@ class Demo:
             print(f"  report:      {report}")
         print(f"  logs:        {self.data_dir}/*.log", flush=True)
         return 0 if runner is not None and runner.returncode in (0, -signal.SIGINT) else 1
+
+    def print_leaderboard(self) -> None:
+        """With the monitor in the foreground the battle's output went to bots.log:
+        show its final leaderboard now that the terminal is free."""
+        log = self.data_dir / "bots.log"
+        if not log.exists():
+            return
+        text = log.read_text(encoding="utf-8", errors="replace")
+        start = text.rfind("Final leaderboard")
+        if start >= 0:
+            print("\n" + text[start:].rstrip())
 
     def write_report(self) -> Path | None:
         try:
