@@ -9,7 +9,10 @@ compares it with the engine; at the end the whole stream is replayed on a fresh 
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +44,7 @@ from models import (
     Trade,
 )
 from tests.conftest import ALT, SYM, TS0, Harness, make_config
+from tests.stack import ROOT
 
 TRADERS = ("t1", "t2", "t3", "t4")
 CLIENT_IDS = tuple(f"c{i}" for i in range(8))
@@ -373,9 +377,7 @@ def test_hold_every_invariant_when_limits_and_margin_bind(
 def _event_kinds_generated(market: Market) -> set[str]:
     seen: set[str] = set()
 
-    # Derandomized generation still shifts with the Hypothesis tests that ran earlier in
-    # the process, so the examples are enough to reach every path in any test order.
-    @settings(max_examples=200, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=100, deadline=None, derandomize=True, database=None,
               phases=[Phase.generate], suppress_health_check=list(HealthCheck))
     @given(streams(market))
     def collect(stream: list[tuple[Command, int]]) -> None:
@@ -399,9 +401,15 @@ def test_cover_the_interesting_paths_when_streams_are_generated() -> None:
     """Guard against a generator that silently stops reaching the rules under test:
     seeded streams of both markets must still produce trades, every kind of reject,
     triggers, STP cancels, amends and liquidations."""
-    seen: set[str] = set()
-    for market in (BROAD, TIGHT):
-        seen |= _event_kinds_generated(market)
+    # In a fresh interpreter: Hypothesis keeps process-wide state that shifts even
+    # derandomized generation after other Hypothesis tests ran, so in-process the result
+    # would depend on test order.
+    code = ("import json; from tests.test_properties import BROAD, TIGHT, "
+            "_event_kinds_generated as kinds; "
+            "print(json.dumps(sorted(kinds(BROAD) | kinds(TIGHT))))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=110, check=True)
+    seen = set(json.loads(done.stdout.strip().splitlines()[-1]))
     wanted = {"Trade", "OrderAmended", "OrderTriggered", "OrderRejected", "AmendRejected",
               "CancelRejected", "MarketStatusChanged", "TraderStatusChanged", "liquidation",
               "canceled:self_trade", "canceled:fok", "canceled:ioc", "canceled:user",
