@@ -130,6 +130,8 @@ class Demo:
             await server.stop()
         for handle in self.logs:
             handle.close()  # type: ignore[attr-defined]
+        if runner is None:
+            return 1  # the stack never started: main() reports why, there is no run to show
         report = self.write_report()
         self.print_leaderboard()
         print("\nRun finished.")
@@ -170,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(Demo(args).run())
     except RuntimeError as exc:
         print(f"demo: {exc}", file=sys.stderr)
+        if not args.free_ports:
+            print("demo: if a port is in use, add --free-ports "
+                  "(make demo DEMO_ARGS=--free-ports)", file=sys.stderr)
         return 1
 
 

@@ -202,10 +202,12 @@ class Engine:
         return self.margin.margin_used(trader_id, self.marks())
 
     def leaderboard(self) -> list[dict[str, Any]]:
-        """Every trader that has an account, best equity first (ties by trader id)."""
+        """Every trader the engine has heard from, best equity first (ties by trader id);
+        one that never traded stands at its initial cash."""
         marks = self.marks()
         rows = []
-        for trader_id, account in self.ledger.accounts.items():
+        for trader_id in self.traders:
+            account = self.ledger.view(trader_id)
             rows.append({
                 "trader_id": trader_id,
                 "position": sum(p.qty for p in account.positions.values()),
@@ -274,10 +276,8 @@ class Engine:
         self.next_order_id += 1
         self._accept(order, trader)
         if cmd.stop_price is not None:
+            # waits for a trade printed after it arrived, even if the last one was through
             self.stop_books[cmd.symbol].add(order)
-            last = self.last_prices[cmd.symbol]
-            if last is not None and cmd.symbol not in self._moved:
-                self._moved[cmd.symbol] = [last, last]  # it may already be through its stop
         else:
             self._execute(order, self.books[cmd.symbol])
 

@@ -62,12 +62,12 @@ async def _drain(stream: asyncio.StreamReader | None, sink: list[str],
             log.flush()
 
 
-async def _read_ready(proc: asyncio.subprocess.Process, name: str) -> dict[str, str]:
+async def _read_ready(proc: asyncio.subprocess.Process) -> dict[str, str]:
     assert proc.stdout is not None
     while True:
         raw = await proc.stdout.readline()
         if not raw:
-            raise RuntimeError(f"{name} exited with code {await proc.wait()} before it was ready")
+            raise RuntimeError(f"exited with code {await proc.wait()} before it was ready")
         line = raw.decode()
         if line.startswith("READY "):
             return json.loads(line[len("READY "):])
@@ -87,7 +87,7 @@ async def start_server(script: str, *args: str, log: IO[str] | None = None,
     server = ServerProcess(script, proc)
     server._drains.append(asyncio.create_task(_drain(proc.stderr, server.stderr_lines, log)))
     try:
-        server.uris = await asyncio.wait_for(_read_ready(proc, script), READY_TIMEOUT_S)
+        server.uris = await asyncio.wait_for(_read_ready(proc), READY_TIMEOUT_S)
     except (asyncio.TimeoutError, RuntimeError) as exc:
         await server.stop()
         reason = "did not become ready in time" if isinstance(exc, asyncio.TimeoutError) \

@@ -324,17 +324,23 @@ def test_trigger_a_sell_stop_when_a_trade_prints_through_its_stop_price(h: Harne
     ]
 
 
-def test_trigger_a_stop_at_once_when_the_last_price_is_already_through(h: Harness) -> None:
+def test_keep_a_stop_waiting_when_only_an_earlier_print_was_through_it(h: Harness) -> None:
+    # PROTOCOL.md: a stop waits until a trade prints at or through its stop price; a print
+    # from before the stop arrived does not count
     print_trade(h, 10_000)
     cmd = stop("s", "s1", BUY, 2, 9_990)
-    assert h.send(cmd) == [accepted(cmd, 3, h.now), OrderTriggered(h.now, 3, "s", "s1", SYM),
-                           OrderCanceled(h.now, 3, "s", "s1", SYM, BUY, 2, CancelReason.IOC)]
+    assert h.send(cmd) == [accepted(cmd, 3, h.now)]
+    assert h.live_ids("s") == [3]
+    print_trade(h, 10_000)
+    assert of_type(h.events, OrderTriggered) == [OrderTriggered(h.now, 3, "s", "s1", SYM)]
 
 
-def test_trigger_a_stop_at_once_when_the_last_price_equals_the_stop(h: Harness) -> None:
+def test_trigger_a_stop_when_a_later_print_equals_its_stop(h: Harness) -> None:
     print_trade(h, 10_000)
     cmd = stop("s", "s1", SELL, 2, 10_000)
-    assert of_type(h.send(cmd), OrderTriggered) == [OrderTriggered(h.now, 3, "s", "s1", SYM)]
+    assert of_type(h.send(cmd), OrderTriggered) == []
+    print_trade(h, 10_000)
+    assert of_type(h.events, OrderTriggered) == [OrderTriggered(h.now, 3, "s", "s1", SYM)]
 
 
 def test_keep_a_stop_waiting_when_nothing_has_printed_yet(h: Harness) -> None:

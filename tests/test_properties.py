@@ -198,10 +198,9 @@ class Checker:
             self.tallies[event.order_id] = Tally(event.order_type, event.tif, event.post_only,
                                                  event.liquidation, event.qty, event.qty)
             if event.stop_price is not None:
-                last = self.last_prices.get(event.symbol)
+                # only a print after the stop arrived can reach it (PROTOCOL.md)
                 self.stops[event.order_id] = (event.symbol, event.side, event.stop_price,
-                                              last is not None and _reaches(event.side, last,
-                                                                            event.stop_price))
+                                              False)
         elif isinstance(event, Trade):
             self._apply_trade(event)
         elif isinstance(event, OrderCanceled):
