@@ -51,6 +51,7 @@ from bot_client import (
     BotResult,
 )
 from bot_strategies import BUILTIN_STRATEGIES, ParamError
+from launcher import stop_on_signals
 from models import TRADER_ID_RE
 
 log = logging.getLogger("bot_battle_runner")
@@ -319,14 +320,8 @@ def _print_progress(elapsed: float, progress: Progress) -> None:
 
 async def run_in_process(specs: list[BotSpec], options: RunOptions) -> list[BotResult]:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        return await run_bots(specs, options, stop.is_set, _print_progress)
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+    stop_on_signals(stop)
+    return await run_bots(specs, options, stop.is_set, _print_progress)
 
 
 # --------------------------------------------------------------------------- workers
@@ -340,10 +335,8 @@ def _worker_main(index: int, specs: list[BotSpec], options: RunOptions, log_leve
              ", ".join(s.trader_id for s in specs))
 
     async def main() -> list[BotResult]:
-        loop = asyncio.get_running_loop()
         local_stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, local_stop.set)
+        stop_on_signals(local_stop)
 
         def report(_elapsed: float, progress: Progress) -> None:
             out.put(("progress", index, progress))

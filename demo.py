@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import signal
 import sys
 import time
 from pathlib import Path
 
-from launcher import ROOT, ServerProcess, python_env, start_server, stop_process
+from launcher import ROOT, ServerProcess, python_env, start_server, stop_on_signals, stop_process
 
 DEFAULT_PORTS = {"gateway": 9001, "events": 9002, "feed": 9010}
 
@@ -111,10 +110,7 @@ class Demo:
             monitor = await self.start_child("monitor_client.py", "--uri", feed, foreground=True)
             waiters.add(asyncio.ensure_future(monitor.wait()))
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
+        stop_on_signals(stop)
         waiters.add(asyncio.ensure_future(stop.wait()))
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for waiter in waiters:

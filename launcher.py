@@ -1,5 +1,8 @@
 """Start OpenMarketSim server processes and stop them cleanly.
 
+``stop_on_signals`` is the other half: every process uses it to turn SIGINT/SIGTERM
+into a clean shutdown, on Windows too.
+
 Every server announces the URIs it bound on one stdout line,
 ``READY {"gateway": "ws://...", ...}``; ``start_server`` waits for that line (bounded)
 and then keeps draining the process's output so it can never block on a full pipe.
@@ -109,3 +112,14 @@ async def stop_process(proc: asyncio.subprocess.Process, sig: int = signal.SIGTE
                 proc.kill()
             await proc.wait()
     return proc.returncode  # type: ignore[return-value]
+
+
+def stop_on_signals(stop: asyncio.Event) -> None:
+    """Set ``stop`` on SIGINT or SIGTERM. asyncio has no signal handlers on Windows;
+    there the plain ``signal`` module hands the signal to the loop instead."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except NotImplementedError:
+            signal.signal(sig, lambda _sig, _frame: loop.call_soon_threadsafe(stop.set))

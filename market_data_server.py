@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 import sys
 import time
@@ -43,6 +42,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.protocol import Protocol, State
 
+from launcher import stop_on_signals
 from models import ProtocolError, RejectCode
 
 logger = logging.getLogger("market_data")
@@ -776,9 +776,7 @@ def _bound_uri(server: Server) -> str:
 async def run(args: argparse.Namespace) -> None:
     relay = Relay(args.max_backlog_bytes)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop)
     handler = _make_handler(relay, args.sndbuf_bytes)
     async with serve(handler, args.host, args.port, compression=None,
                      max_size=SUBSCRIBER_MAX_MESSAGE,
