@@ -5,6 +5,12 @@
 - Internal event stream (default ``ws://127.0.0.1:9002``): a snapshot, then every
   sequenced event (``API_SPEC.md``), for the market-data relay and other trusted tools.
 - Telemetry: ``trades.csv`` and ``performance.csv`` in ``--data-dir`` (``telemetry.py``).
+- Crash safety: every input applied to the engine (commands, rejected ones included,
+  disconnect cancels, leaderboard and performance ticks) is appended to a write-ahead
+  journal in ``--data-dir/journal`` (``journal.py``) before anything it caused leaves
+  the process: its messages and CSV rows are held until the journal write (and, with
+  ``--journal-flush batch`` or ``every``, its fsync) that covers it. Periodic snapshots
+  bound recovery; on start the state is rebuilt from them (``replay.recover``).
 
 One sequencer, no threads: every accepted request is applied to the Engine at once,
 inside the event loop, with a wall-clock timestamp that never goes backwards; every
@@ -12,6 +18,14 @@ resulting event but a rejection gets the next ``seq`` and its messages are queue
 in that order before the next request is read. Nothing here awaits a client while
 sequencing: messages are queued per connection without waiting (``Outbound``) and a
 client whose unsent backlog passes a bound is closed (1008, "too slow").
+
+Group commit (``--journal-flush batch``, the default): the inputs of an event-loop turn
+(or of up to ``SYNC_INTERVAL_S``, since an fsync costs ~100 us of CPU here) are written
+to the journal in one system call and fsynced on a helper thread while the loop goes on
+applying the next inputs; the group's messages and rows are released when its fsync
+returns. So nothing acknowledged is ever lost, and a crash loses at most the
+unacknowledged inputs of two groups (the one being synced and the open one, which is
+committed synchronously when it reaches ``MAX_GROUP`` inputs).
 
 Private messages beyond PROTOCOL.md's core (for API_SPEC.md):
 - ``trader_status`` ``{status, ts, seq}``: the trader's margin status changed
@@ -27,14 +41,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import hmac
 import json
 import logging
-import signal
+import os
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from decimal import Decimal
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +61,20 @@ from websockets.protocol import State
 
 from config import ConfigError, ExchangeConfig, load_config
 from engine import Engine
+from journal import (
+    FORMAT_VERSION,
+    LEADERBOARD,
+    PERFORMANCE,
+    JournalError,
+    JournalWriter,
+    command_record,
+    core_fingerprint,
+    journal_dir,
+    list_segments,
+    tick_record,
+    write_snapshot,
+)
+from launcher import stop_on_signals
 from models import (
     PROTOCOL_VERSION,
     REJECT_EVENTS,
@@ -76,7 +106,8 @@ from models import (
 )
 from orderbook import Order
 from positions import PositionReport, to_currency
-from telemetry import PerformanceRow, Telemetry
+from replay import Recovered, engine_config, leaderboard_message, recover, segment_header
+from telemetry import PerformanceRow, Telemetry, performance_rows
 
 log = logging.getLogger("exchange")
 
@@ -87,13 +118,26 @@ CLOSE_TIMEOUT_S = 2.0
 FLUSH_BYTES = 64 * 1024  # a peer's frames are written at once when this much is queued
 SHUTDOWN_TIMEOUT_S = 5.0
 TOO_SLOW = (1008, "too slow")
+DEFAULT_SNAPSHOT_EVERY = 100_000  # inputs: bounds recovery to about a second of replay
+MAX_GROUP = 4096  # inputs one commit group may hold before it is committed at once
+SYNC_INTERVAL_S = 0.001  # batch: fsyncs start at least this far apart (the group window)
+EXIT_JOURNAL_FAILED = 3  # the journal could not be written or read
+
+
+class FlushPolicy(str, Enum):
+    """When journal records are made durable (``--journal-flush``)."""
+
+    EVERY = "every"  # write + fsync per input, before its messages go out
+    BATCH = "batch"  # write per loop turn, fsync per group; messages wait for the fsync
+    OFF = "off"  # write per loop turn, never fsync: survives a killed process, not the OS
 
 
 class Clock:
-    """Wall-clock microseconds, never going backwards (the engine's ``ts``)."""
+    """Wall-clock microseconds, never going backwards (the engine's ``ts``), not even
+    across a restart (it starts at the last journaled ``ts``)."""
 
-    def __init__(self) -> None:
-        self.last = 0
+    def __init__(self, last: int = 0) -> None:
+        self.last = last
 
     def now(self) -> int:
         now = time.time_ns() // 1000
@@ -220,19 +264,203 @@ def fill_message(trade: Trade, seq: int, side: Side) -> dict[str, Any]:
             "ts": trade.ts, "seq": seq, "liquidation": trade.liquidation}
 
 
+def exit_on_journal_failure(exc: BaseException) -> None:
+    """Fail-stop: inputs the engine applied cannot be made durable, so nothing they caused
+    may go out. Exit at once; recovery restarts from what the journal holds."""
+    log.critical("cannot write the journal (%r): stopping without acknowledging what it "
+                 "does not hold", exc)
+    logging.shutdown()
+    os._exit(EXIT_JOURNAL_FAILED)
+
+
+class HeldGroup:
+    """What a group of inputs caused, held until the journal holds those inputs."""
+
+    __slots__ = ("future", "messages", "performance", "through", "trades")
+
+    def __init__(self) -> None:
+        self.through = 0  # the last input whose outputs it holds (set when it is cut)
+        self.messages: list[tuple[Outbound, tuple[ServerConnection, ...], bytes]] = []
+        self.trades: list[bytes] = []  # trades.csv rows
+        self.performance: list[bytes] = []  # performance.csv rows
+        self.future: asyncio.Future[None] | None = None  # its fsync, once started
+
+
+class CommitQueue:
+    """Group commit: every output waits for the journal write (and, unless the policy is
+    ``off``, the fsync) that covers the inputs before it, then goes out in the order it
+    was produced. Outputs of one group never overtake those of an earlier one."""
+
+    def __init__(self, journal: JournalWriter, policy: FlushPolicy, telemetry: Telemetry,
+                 max_group: int = MAX_GROUP) -> None:
+        self.journal = journal
+        self.policy = policy
+        self.telemetry = telemetry
+        self.max_group = max_group
+        self.open = HeldGroup()  # collecting this turn's outputs
+        self.syncing: HeldGroup | None = None  # written, its fsync running on the thread
+        self.on_fatal: Callable[[BaseException], None] = exit_on_journal_failure
+        self.on_idle: Callable[[], None] | None = None  # between groups: snapshots
+        self.csv_failed = False
+        self.closed = False
+        self._scheduled = False
+        self._last_sync = 0.0  # when the last background fsync started (monotonic)
+        self.syncs = 0  # fsyncs so far (inputs / syncs: the mean group size)
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def hold(self, outbound: Outbound, peers: Iterable[ServerConnection], data: bytes) -> None:
+        # the peers are fixed now: a consumer that connects later must not get this
+        self.open.messages.append(
+            (outbound, peers if type(peers) is tuple else tuple(peers), data))
+        if not self._scheduled:
+            self._schedule()
+
+    def input_done(self) -> None:
+        """An input was journaled and applied (its outputs are held)."""
+        if self.policy is FlushPolicy.EVERY:
+            self.commit_now()
+            if self.on_idle is not None:
+                self.on_idle()
+        elif not self._scheduled:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        self._scheduled = True
+        asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """End of a loop turn: write the turn's records and start their fsync; the
+        turn's outputs go out when it returns (at once with ``off``)."""
+        self._scheduled = False
+        if self.closed:  # shutdown committed everything; late replies just go out
+            self.release(self._cut())
+            return
+        if self.syncing is not None:
+            if self.journal.pending >= self.max_group:
+                self.commit_now()  # bound what a crash can take: no group grows past this
+            return  # otherwise the running fsync's completion starts the next group
+        if self.on_idle is not None:
+            self.on_idle()
+        if self.policy is FlushPolicy.BATCH and self.journal.pending:
+            wait = self._last_sync + SYNC_INTERVAL_S - time.monotonic()
+            if wait > 0:  # an fsync costs ~100 us of CPU: let a few more inputs share it
+                self._scheduled = True
+                asyncio.get_running_loop().call_later(wait, self.flush)
+                return
+        written = self._write()
+        group = self._cut()
+        if written and self.policy is FlushPolicy.BATCH:
+            self._start_sync(group)
+        else:
+            self.release(group)
+
+    def _start_sync(self, group: HeldGroup) -> None:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="journal-sync")
+        self.syncing = group
+        self.syncs += 1
+        self._last_sync = time.monotonic()
+        group.future = asyncio.get_running_loop().run_in_executor(self._executor,
+                                                                  self.journal.sync)
+        group.future.add_done_callback(self._synced)
+
+    def _synced(self, future: asyncio.Future[None]) -> None:
+        group = self.syncing
+        if group is None or group.future is not future:
+            return  # commit_now made it durable and released it already
+        self.syncing = None
+        exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
+        if exc is not None:
+            self.on_fatal(exc)
+            return
+        self.release(group)
+        self.flush()  # the next group has been collecting meanwhile
+
+    def commit_now(self, force_sync: bool = False) -> None:
+        """Make everything journaled so far durable and release every held output, now
+        (each input with ``every``; shutdown; snapshots, which always fsync)."""
+        in_flight, self.syncing = self.syncing, None
+        written = self._write()
+        if (written or in_flight is not None or force_sync) and \
+                (force_sync or self.policy is not FlushPolicy.OFF):
+            try:
+                self.syncs += 1
+                self.journal.sync()  # covers an in-flight group's bytes too
+            except OSError as exc:
+                self.on_fatal(exc)
+                raise
+        if in_flight is not None:
+            self.release(in_flight)
+        self.release(self._cut())
+
+    def _cut(self) -> HeldGroup:
+        group, self.open = self.open, HeldGroup()
+        group.through = self.journal.next_number - 1
+        return group
+
+    def _write(self) -> int:
+        try:
+            return self.journal.write()
+        except OSError as exc:
+            self.on_fatal(exc)
+            raise
+
+    def release(self, group: HeldGroup) -> None:
+        if group.trades or group.performance:
+            self._write_csv(group)  # the rows are written before anyone is told
+        for outbound, peers, data in group.messages:
+            outbound.send(peers, data)
+
+    def _write_csv(self, group: HeldGroup) -> None:
+        if self.csv_failed:
+            return
+        try:
+            if group.trades:
+                self.telemetry.trades.append(b"".join(group.trades))
+            if group.performance:
+                self.telemetry.performance.append(b"".join(group.performance))
+        except OSError:
+            # appending after a torn row would bury it mid-file; stop, and let the next
+            # start append what is missing (the journal has it)
+            log.exception("cannot write telemetry: no more CSV rows this run; a restart "
+                          "appends the missing ones from the journal")
+            self.csv_failed = True
+
+    def close(self) -> None:
+        """Commit everything, stop the fsync thread and close the journal."""
+        self.commit_now(force_sync=True)
+        self.closed = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self.journal.close()
+
+
 class Exchange:
     """The sequencer and both endpoints' handlers (transport-agnostic up to the socket)."""
 
     def __init__(self, config: ExchangeConfig, telemetry: Telemetry,
                  accounts: dict[str, str] | None = None,
                  client_buffer: int = DEFAULT_CLIENT_BUFFER,
-                 consumer_buffer: int = DEFAULT_CONSUMER_BUFFER) -> None:
+                 consumer_buffer: int = DEFAULT_CONSUMER_BUFFER, *,
+                 recovered: Recovered | None = None,
+                 flush: FlushPolicy = FlushPolicy.BATCH,
+                 snapshot_every: int = DEFAULT_SNAPSHOT_EVERY) -> None:
+        """Without ``recovered`` the exchange starts empty and journals nothing; with it,
+        it continues from the recovered state and journals every input."""
         self.config = config
-        self.engine = Engine(config)
+        self.engine = recovered.engine if recovered else Engine(config)
         self.telemetry = telemetry
         self.accounts = accounts
-        self.clock = Clock()
-        self.seq = 0
+        self.clock = Clock(recovered.last_ts if recovered else 0)
+        self.seq = recovered.seq if recovered else 0
+        self.commits = CommitQueue(recovered.journal, flush, telemetry) if recovered else None
+        self.snapshot_every = snapshot_every
+        # inputs the newest snapshot covers: a long replayed tail is snapshotted soon
+        self._snapshot_at = (recovered.snapshot_at or 0) if recovered else 0
+        if self.commits is not None:
+            self.commits.on_idle = self._maybe_snapshot
+        self._fingerprint = core_fingerprint() if recovered else ""
         self.stopping = False
         self.sessions: dict[str, dict[ServerConnection, None]] = {}  # trader -> its sessions
         self.consumers: dict[ServerConnection, None] = {}
@@ -240,7 +468,10 @@ class Exchange:
         self.to_consumers = Outbound(consumer_buffer, "event consumer")
         symbols = self.engine.symbols
         self.default_symbol = symbols[0] if len(symbols) == 1 else None
-        self._fill_prices: dict[str, int] = {}  # last trade price per symbol, for `position`
+        # last trade price per symbol, for `position` (between inputs: the engine's)
+        self._fill_prices: dict[str, int] = {
+            symbol: price for symbol, price in self.engine.last_prices.items()
+            if price is not None}
         self._login_info = self._build_login_info()
         self._private: dict[type, Callable[[Any, int], None]] = {
             OrderAccepted: self._on_accepted, Trade: self._on_trade,
@@ -274,8 +505,21 @@ class Exchange:
     # ================================================================= sequencer
 
     def submit(self, command: Any) -> None:
-        """Apply one command to the engine now and send out what it caused."""
-        self.publish(self.engine.process(command, self.clock.now()))
+        """Apply one command to the engine now and send out what it caused.
+
+        The command is journaled first, whatever its outcome: a rejection still spends a
+        rate-limit token, and a command the engine fails on may have changed something,
+        which a replay then reproduces the same way."""
+        ts = self.clock.now()
+        commits = self.commits
+        if commits is None:
+            self.publish(self.engine.process(command, ts))
+            return
+        commits.journal.append(command_record(command, self.seq, ts))
+        try:
+            self.publish(self.engine.process(command, ts))
+        finally:
+            commits.input_done()
 
     def publish(self, events: list[Event]) -> None:
         for event in events:
@@ -287,7 +531,8 @@ class Exchange:
             if type(event) is Trade:
                 self._record_trade(event, seq)
             if self.consumers:
-                self.to_consumers.send(self.consumers, orjson.dumps(event_to_dict(event, seq)))
+                self._out(self.to_consumers, self.consumers,
+                          orjson.dumps(event_to_dict(event, seq)))
             handler = self._private.get(type(event))
             if handler is not None:
                 try:
@@ -297,22 +542,28 @@ class Exchange:
 
     def _record_trade(self, trade: Trade, seq: int) -> None:
         self._fill_prices[trade.symbol] = trade.price
+        row = self.telemetry.format.trade(trade, seq)
+        if self.commits is not None:
+            self.commits.open.trades.append(row)  # written when its input is durable
+            return
         try:
             # the row is on disk before anyone is told of the fill
-            self.telemetry.write_trade(trade, seq)
+            self.telemetry.trades.append(row)
         except OSError:
             log.exception("trades.csv: cannot write trade %d", trade.trade_id)
 
     def publish_leaderboard(self) -> None:
-        """A sequenced leaderboard event on the internal stream (money in currency)."""
+        """A sequenced leaderboard event on the internal stream (money in currency). It
+        spends a ``seq``, so it is journaled like any input."""
+        ts = self.clock.now()
+        if self.commits is not None:
+            self.commits.journal.append(tick_record(LEADERBOARD, self.seq, ts))
         self.seq += 1
-        if not self.consumers:
-            return
-        rows = [{"trader_id": row["trader_id"], "position": row["position"],
-                 "cash": to_currency(row["cash"]), "realized_pnl": to_currency(row["realized_pnl"]),
-                 "equity": to_currency(row["equity"])} for row in self.engine.leaderboard()]
-        message = {"type": "leaderboard", "seq": self.seq, "ts": self.clock.now(), "rows": rows}
-        self.to_consumers.send(self.consumers, orjson.dumps(message))
+        if self.consumers:
+            self._out(self.to_consumers, self.consumers,
+                      orjson.dumps(leaderboard_message(self.engine, self.seq, ts)))
+        if self.commits is not None:
+            self.commits.input_done()
 
     def snapshot(self) -> dict[str, Any]:
         """The exchange after event ``seq``: L3 books and market state."""
@@ -330,13 +581,20 @@ class Exchange:
 
     # ================================================================= private messages
 
+    def _out(self, outbound: Outbound, peers: Iterable[ServerConnection], data: bytes) -> None:
+        """Send now, or (journaling) when the inputs before it are in the journal."""
+        if self.commits is None:
+            outbound.send(peers, data)
+        else:
+            self.commits.hold(outbound, peers, data)
+
     def _send_private(self, trader_id: str, message: dict[str, Any]) -> None:
         sessions = self.sessions.get(trader_id)
         if sessions:
-            self.to_clients.send(sessions, orjson.dumps(message))
+            self._out(self.to_clients, sessions, orjson.dumps(message))
 
     def _reply(self, session: Session, message: dict[str, Any]) -> None:
-        self.to_clients.send((session.ws,), orjson.dumps(message))
+        self._out(self.to_clients, (session.ws,), orjson.dumps(message))
 
     def _on_accepted(self, event: OrderAccepted, seq: int) -> None:
         self._send_private(event.trader_id, {
@@ -524,7 +782,7 @@ class Exchange:
 
     async def events(self, ws: ServerConnection) -> None:
         # Snapshot and registration happen with no await between: no event can slip in.
-        self.to_consumers.send((ws,), orjson.dumps(self.snapshot()))
+        self._out(self.to_consumers, (ws,), orjson.dumps(self.snapshot()))
         self.consumers[ws] = None
         log.info("event consumer connected from %s at seq %d", ws.remote_address, self.seq)
         try:
@@ -538,25 +796,74 @@ class Exchange:
     # ================================================================= telemetry
 
     def performance_rows(self) -> list[PerformanceRow]:
-        engine = self.engine
-        marks = engine.marks()
-        tick_values = engine.tick_values
-        rows = []
-        for trader_id, account in sorted(engine.ledger.accounts.items()):
-            positions = account.positions
-            rows.append(PerformanceRow(
-                trader_id, sum(p.qty for p in positions.values()), account.cash,
-                sum(p.realized for p in positions.values()),
-                engine.ledger.equity(trader_id, marks),
-                sum(p.unrealized(marks[s], tick_values[s]) for s, p in positions.items()),
-                sum(p.fees for p in positions.values())))
-        return rows
+        return performance_rows(self.engine)
 
     def write_performance(self) -> None:
+        """A performance snapshot: journaled, since its rows depend on when it ran."""
+        ts = self.clock.now()
+        rows = self.telemetry.format.performance(ts, self.performance_rows())
+        if self.commits is not None:
+            self.commits.journal.append(tick_record(PERFORMANCE, self.seq, ts))
+            self.commits.open.performance.append(rows)
+            self.commits.input_done()
+            return
         try:
-            self.telemetry.write_performance(self.clock.now(), self.performance_rows())
+            self.telemetry.performance.append(rows)
         except OSError:
             log.exception("performance.csv: cannot write")
+
+    # ================================================================= durability
+
+    def _maybe_snapshot(self) -> None:
+        commits = self.commits
+        if commits is None or not self.snapshot_every or commits.csv_failed:
+            return
+        if commits.journal.next_number - 1 - self._snapshot_at >= self.snapshot_every:
+            self.snapshot_now()
+
+    def snapshot_now(self) -> None:
+        """Write the full state after the last journaled input and start a new journal
+        segment there. Everything before is committed first, so the snapshot, the journal
+        and the CSV sizes it records agree. A failure only costs recovery time."""
+        commits = self.commits
+        assert commits is not None
+        commits.commit_now(force_sync=True)
+        number = commits.journal.next_number - 1
+        self._snapshot_at = number  # even if it fails: retry after another interval
+        started = time.perf_counter()
+        try:
+            self.telemetry.sync()
+            sizes = self.telemetry.sizes()
+            directory = commits.journal.directory
+            write_snapshot(directory, number, {
+                "version": FORMAT_VERSION, "number": number, "seq": self.seq,
+                "ts": self.clock.last, "trades_offset": sizes[0],
+                "performance_offset": sizes[1], "engine": self.engine,
+                "state_hash": self.engine.state_hash(), "fingerprint": self._fingerprint,
+                "config": engine_config(self.config)})
+            journal = JournalWriter.create(directory, number + 1, segment_header(
+                self.seq, self.clock.last, sizes, self.config))
+        except Exception:  # pickling runs arbitrary code; the journal still has it all
+            log.exception("snapshot after input #%d failed; recovery replays more instead",
+                          number)
+            return
+        commits.journal.close()
+        commits.journal = journal
+        log.info("snapshot after input #%d (seq %d) in %.3f s", number, self.seq,
+                 time.perf_counter() - started)
+
+    def finish(self) -> None:
+        """Shutdown: commit and release everything, snapshot, close the journal."""
+        if self.commits is None:
+            return
+        self.commits.commit_now(force_sync=True)
+        if self.commits.journal.next_number - 1 > self._snapshot_at and \
+                not self.commits.csv_failed:
+            self.snapshot_now()  # so the next start has nothing to replay
+        self.commits.close()
+        log.info("journal: %d fsyncs this run", self.commits.syncs)
+        log.info("final state after input #%d, seq %d: state_hash=%s",
+                 self.commits.journal.next_number - 1, self.seq, self.engine.state_hash())
 
 
 # ===================================================================== process
@@ -581,9 +888,7 @@ async def run(args: argparse.Namespace, exchange: Exchange) -> None:
     options: dict[str, Any] = {"compression": None, "close_timeout": CLOSE_TIMEOUT_S,
                                "max_size": exchange.config.server.max_message_bytes}
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop)
     gateway = await serve(exchange.gateway, args.host, args.port, **options)
     events = await serve(exchange.events, args.host, args.events_port, **options)
     print("READY " + json.dumps({"gateway": endpoint_uri(gateway),
@@ -606,6 +911,7 @@ async def shutdown(exchange: Exchange, servers: tuple[Server, ...],
     for server in servers:
         server.server.close()  # stop accepting; open sessions close below
     exchange.write_performance()
+    exchange.finish()  # everything journaled is durable and sent before the sessions close
     for server in servers:
         server.close()
     try:
@@ -645,7 +951,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="internal event stream port; 0 picks a free one (%(default)s)")
     parser.add_argument("--config", help="exchange config JSON (default: built-in defaults)")
     parser.add_argument("--data-dir", default=".",
-                        help="where trades.csv and performance.csv are appended (%(default)s)")
+                        help="where trades.csv and performance.csv are appended and the "
+                             "journal is kept; a restart continues from it (%(default)s)")
+    parser.add_argument("--journal-flush", choices=[p.value for p in FlushPolicy],
+                        default=FlushPolicy.BATCH.value,
+                        help="every: fsync each input before its replies go out; batch: "
+                             "group commit, one fsync per group of inputs (at most every "
+                             "1 ms), replies wait for it (nothing acknowledged is ever lost); "
+                             "off: never fsync (survives a killed process, not a power "
+                             "loss) (%(default)s)")
+    parser.add_argument("--snapshot-every", type=int, default=DEFAULT_SNAPSHOT_EVERY,
+                        metavar="N", help="snapshot the state every N journaled inputs, "
+                        "which bounds recovery time; 0: only at shutdown (%(default)s)")
+    parser.add_argument("--no-journal", action="store_true",
+                        help="journal nothing: a restart starts empty (benchmarks, "
+                             "throwaway runs)")
     parser.add_argument("--accounts",
                         help="JSON object trader_id -> token; when given, login needs a token")
     parser.add_argument("--client-buffer", type=int, default=DEFAULT_CLIENT_BUFFER,
@@ -679,11 +999,30 @@ def main(argv: list[str] | None = None) -> int:
         accounts = load_accounts(args.accounts) if args.accounts else None
     except ConfigError as exc:
         args.parser.exit(2, f"exchange_server: config error: {exc}\n")
+    if args.snapshot_every < 0:
+        args.parser.exit(2, "exchange_server: --snapshot-every must be >= 0\n")
+    data_dir = Path(args.data_dir)
+    if args.no_journal and list_segments(journal_dir(data_dir)):
+        args.parser.exit(2, f"exchange_server: {data_dir} has a journal; --no-journal would "
+                            "start from an empty book and reuse its order and trade ids: use "
+                            "another --data-dir\n")
     try:
-        telemetry = Telemetry(Path(args.data_dir), config.instruments)
+        if args.no_journal:
+            recovered = None
+            telemetry = Telemetry(data_dir, config.instruments)
+        else:
+            recovered = recover(data_dir, config)
+            telemetry = recovered.telemetry
+            log.info("%s", recovered.summary())
+    except JournalError as exc:
+        log.error("cannot recover %s: %s", data_dir, exc)
+        args.parser.exit(EXIT_JOURNAL_FAILED, f"exchange_server: cannot recover {data_dir}: "
+                                              f"{exc}\n")
     except OSError as exc:
-        args.parser.exit(2, f"exchange_server: cannot write telemetry in {args.data_dir}: {exc}\n")
-    exchange = Exchange(config, telemetry, accounts, args.client_buffer, args.consumer_buffer)
+        args.parser.exit(2, f"exchange_server: cannot use {data_dir}: {exc}\n")
+    exchange = Exchange(config, telemetry, accounts, args.client_buffer, args.consumer_buffer,
+                        recovered=recovered, flush=FlushPolicy(args.journal_flush),
+                        snapshot_every=args.snapshot_every)
     try:
         run_loop(run(args, exchange))
     except OSError as exc:

@@ -1,0 +1,290 @@
+"""Recovery of an in-process exchange from its data dir: exact state, CSV reconciliation,
+snapshots, and the refusals (changed configuration, damaged or edited files).
+
+Each test drives a real ``Exchange`` over a real journal, "crashes" it (closes its files
+after the last commit, with no shutdown work) and recovers a second one from the same
+directory, as a restarted process would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from exchange_server import CommitQueue, Exchange, FlushPolicy, HeldGroup
+from journal import (
+    JournalError,
+    JournalReader,
+    JournalWriter,
+    journal_dir,
+    list_segments,
+    list_snapshots,
+    read_snapshot,
+    write_snapshot,
+)
+from models import (
+    AmendOrder,
+    CancelAll,
+    CancelOrder,
+    CancelReason,
+    NewOrder,
+    OrderRejected,
+    RejectCode,
+    SetMarketOpen,
+    Side,
+    TimeInForce,
+)
+from replay import recover
+from tests.test_recovery_support import config, crash, limit, replay_hash, run_replay, start
+
+BUY, SELL = Side.BUY, Side.SELL
+# a small bucket, so the script runs into the rate limit and rejections spend tokens
+RATE_LIMITED = {"risk": {"rate_limit_per_sec": 1.0, "rate_limit_burst": 8}}
+SYNC_TIMEOUT_S = 10.0
+
+
+async def settle(exchange: Exchange) -> None:
+    """End the event-loop turn now (what ``call_soon`` would do) and wait for the group
+    commit it starts, so the test runs the real write/fsync/release path."""
+    commits = exchange.commits
+    assert commits is not None
+    commits.flush()
+    while commits.syncing is not None:
+        assert commits.syncing.future is not None
+        await asyncio.wait_for(asyncio.shield(commits.syncing.future), SYNC_TIMEOUT_S)
+
+
+def rejects(exchange: Exchange, command: NewOrder) -> list[RejectCode]:
+    """Submit a new order; the codes of any rejection (read from the engine's events)."""
+    exchange.submit(command)
+    return [e.code for e in exchange.engine._events if isinstance(e, OrderRejected)]
+
+
+async def scripted_session(exchange: Exchange) -> None:
+    """Every kind of input: trades, an amend, cancels, rejections that spend rate tokens,
+    a market closed and reopened, a disconnect cancel, leaderboard and performance ticks."""
+    submit = exchange.submit
+    submit(limit("alice", "a1", SELL, 5, 10010))
+    submit(limit("alice", "a2", SELL, 3, 10012))
+    submit(limit("carol", "c1", BUY, 2, 9990))
+    await settle(exchange)
+    submit(limit("bob", "b1", BUY, 6, 10012))  # two trades
+    exchange.publish_leaderboard()
+    exchange.write_performance()
+    assert rejects(exchange, limit("bob", "b-far", BUY, 1, 20000)) == \
+        [RejectCode.RISK_PRICE_BAND]  # rejected, but it took a token
+    submit(AmendOrder("alice", None, "a2", None, 1))
+    submit(CancelOrder("alice", None, "nope"))  # rejected: unknown
+    await settle(exchange)
+    submit(SetMarketOpen(False))
+    assert rejects(exchange, limit("carol", "c2", BUY, 1, 9991)) == [RejectCode.MARKET_CLOSED]
+    submit(SetMarketOpen(True))
+    submit(CancelAll("carol", reason=CancelReason.DISCONNECT))
+    codes = [rejects(exchange, limit("bob", f"b{i}", BUY, 1, 9980 + i)) for i in range(8)]
+    assert [RejectCode.RATE_LIMITED] in codes  # the bucket ran dry
+    exchange.publish_leaderboard()
+    submit(limit("carol", "c3", SELL, 4, 9985, TimeInForce.IOC))  # sells into bob's bids
+    exchange.write_performance()
+    await settle(exchange)
+    submit(CancelOrder("bob", None, "b1"))
+
+
+def standing(exchange: Exchange) -> tuple:
+    engine = exchange.engine
+    return (engine.state_tuple(), engine.state_hash(), exchange.seq, exchange.clock.last,
+            engine.next_order_id, engine.next_trade_id, dict(exchange._fill_prices))
+
+
+@pytest.mark.parametrize("flush", list(FlushPolicy))
+@pytest.mark.parametrize("snapshot_every", [0, 4])
+async def test_a_restart_restores_the_exact_state(tmp_path: Path, flush: FlushPolicy,
+                                                  snapshot_every: int) -> None:
+    cfg = config(**RATE_LIMITED)
+    exchange = start(tmp_path, cfg, flush, snapshot_every)
+    await scripted_session(exchange)
+    before = standing(exchange)
+    # bob's bucket is (nearly) dry: less than one message left
+    assert exchange.engine.next_trade_id > 3 and exchange.engine.traders["bob"].rate_tokens < 10**9
+    crash(exchange)
+    if snapshot_every:
+        assert list_snapshots(journal_dir(tmp_path)), "the script should have snapshotted"
+    again = start(tmp_path, cfg, flush, snapshot_every)
+    assert standing(again) == before
+    # it goes on where it stopped: the next input gets the next seq and order id
+    again.submit(limit("dave", "d1", BUY, 1, 9950))
+    assert again.seq == before[2] + 2  # order_accepted, book_changed
+    assert again.engine.orders[before[4]].client_order_id == "d1"
+    crash(again)
+
+
+@pytest.mark.parametrize("flush", list(FlushPolicy))
+async def test_no_output_leaves_before_its_inputs_are_in_the_journal(
+        tmp_path: Path, flush: FlushPolicy, monkeypatch: pytest.MonkeyPatch) -> None:
+    durable = {"written": 0, "synced": 0}
+    released: list[int] = []
+    real_write, real_sync = JournalWriter.write, JournalWriter.sync
+    real_release = CommitQueue.release
+
+    def write(self: JournalWriter) -> int:
+        count = real_write(self)
+        durable["written"] = self.written_number
+        return count
+
+    def sync(self: JournalWriter) -> None:
+        through = self.written_number  # what this fsync covers, read before it runs
+        real_sync(self)
+        durable["synced"] = max(durable["synced"], through)
+
+    def release(self: CommitQueue, group: HeldGroup) -> None:
+        needed = "written" if flush is FlushPolicy.OFF else "synced"
+        assert group.through <= durable[needed], (group.through, durable)
+        if group.trades or group.performance or group.messages:
+            released.append(group.through)
+        real_release(self, group)
+
+    monkeypatch.setattr(JournalWriter, "write", write)
+    monkeypatch.setattr(JournalWriter, "sync", sync)
+    monkeypatch.setattr(CommitQueue, "release", release)
+    exchange = start(tmp_path, config(**RATE_LIMITED), flush, snapshot_every=5)
+    trades_csv = tmp_path / "trades.csv"
+    header_only = trades_csv.read_bytes()
+    exchange.submit(limit("alice", "a1", SELL, 5, 10010))
+    exchange.submit(limit("bob", "b1", BUY, 5, 10010))
+    if flush is not FlushPolicy.EVERY:
+        assert trades_csv.read_bytes() == header_only  # held until the commit
+    await scripted_session(exchange)
+    await settle(exchange)
+    crash(exchange)
+    assert released == sorted(released) and len(released) >= 3
+    assert trades_csv.read_bytes().count(b"\n") == exchange.engine.next_trade_id  # + header
+
+
+async def test_a_crash_between_journal_and_csv_write_is_reconciled(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config(**RATE_LIMITED)
+    exchange = start(tmp_path, cfg)
+    await scripted_session(exchange)
+    crash(exchange)
+    trades_csv, performance_csv = tmp_path / "trades.csv", tmp_path / "performance.csv"
+    trades, performance = trades_csv.read_bytes(), performance_csv.read_bytes()
+    assert trades.count(b"\n") >= 4 and performance.count(b"\n") >= 4
+    # the process died after the journal write: two trade rows missing, one of them
+    # torn, and the last performance rows never written
+    rows = trades.splitlines(keepends=True)
+    trades_csv.write_bytes(b"".join(rows[:-2]) + rows[-2][:17])
+    performance_csv.write_bytes(b"".join(performance.splitlines(keepends=True)[:-2]))
+    with caplog.at_level(logging.INFO):
+        crash(start(tmp_path, cfg))
+    assert trades_csv.read_bytes() == trades
+    assert performance_csv.read_bytes() == performance
+    assert "dropping a torn last row (17 bytes)" in caplog.text
+    assert "appended 2 rows" in caplog.text
+    code, _, err = await run_replay("--data-dir", str(tmp_path), "--out-dir",
+                                    str(tmp_path / "replayed"))
+    assert code == 0, err
+    assert (tmp_path / "replayed" / "trades.csv").read_bytes() == trades
+    assert (tmp_path / "replayed" / "performance.csv").read_bytes() == performance
+
+
+async def test_csv_rows_the_journal_does_not_reproduce_are_refused(tmp_path: Path) -> None:
+    cfg = config()
+    exchange = start(tmp_path, cfg)
+    exchange.submit(limit("alice", "a1", SELL, 5, 10010))
+    exchange.submit(limit("bob", "b1", BUY, 5, 10010))
+    crash(exchange)
+    trades_csv = tmp_path / "trades.csv"
+    trades = trades_csv.read_bytes()
+    trades_csv.write_bytes(trades + trades.splitlines(keepends=True)[-1])  # a duplicate
+    with pytest.raises(JournalError, match=r"trades\.csv: the row at byte offset"):
+        recover(tmp_path, cfg)
+    trades_csv.write_bytes(trades[:20])  # shorter than the journal's starting point
+    with pytest.raises(JournalError, match="truncated or replaced"):
+        recover(tmp_path, cfg)
+
+
+async def test_a_changed_engine_configuration_is_refused(tmp_path: Path) -> None:
+    crash(start(tmp_path, config()))
+    with pytest.raises(JournalError, match=r"different configuration.*risk"):
+        recover(tmp_path, config(risk={"max_order_qty": 5}))
+    # the server section only paces timers, whose ticks are journaled: it may change
+    crash(start(tmp_path, config(server={"leaderboard_interval_s": 0.1})))
+
+
+async def test_a_snapshot_from_other_engine_code_is_replaced_by_a_full_replay(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config(**RATE_LIMITED)
+    exchange = start(tmp_path, cfg, snapshot_every=6)
+    await scripted_session(exchange)
+    before = standing(exchange)
+    crash(exchange)
+    directory = journal_dir(tmp_path)
+    number, path = list_snapshots(directory)[-1]
+    state = read_snapshot(path)
+    write_snapshot(directory, number, {**state, "fingerprint": "other code"})
+    with caplog.at_level(logging.WARNING):
+        again = start(tmp_path, cfg)
+    assert "replaying the journal from its start" in caplog.text
+    assert standing(again) == before
+    crash(again)
+    # and if that replay does not reproduce the snapshot, the behaviour changed: refuse
+    write_snapshot(directory, number, {**state, "fingerprint": "other code",
+                                       "state_hash": "0" * 64})
+    with pytest.raises(JournalError, match="behaviour changed"):
+        recover(tmp_path, cfg)
+
+
+async def test_a_damaged_newest_snapshot_falls_back_to_the_one_before(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config(**RATE_LIMITED)
+    exchange = start(tmp_path, cfg, snapshot_every=5)
+    await scripted_session(exchange)
+    before = standing(exchange)
+    crash(exchange)
+    snapshots = list_snapshots(journal_dir(tmp_path))
+    assert len(snapshots) == 2
+    newest = snapshots[-1][1]
+    newest.write_bytes(newest.read_bytes()[:-10])
+    with caplog.at_level(logging.INFO):
+        again = start(tmp_path, cfg)
+    assert "skipping snapshot" in caplog.text and "damaged snapshot" in caplog.text
+    assert standing(again) == before
+    crash(again)
+
+
+async def test_a_segment_the_crash_left_without_a_header_is_removed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config()
+    exchange = start(tmp_path, cfg)
+    exchange.submit(limit("alice", "a1", SELL, 5, 10010))
+    before = standing(exchange)
+    crash(exchange)
+    directory = journal_dir(tmp_path)
+    (directory / "wal-000000000002.log").write_bytes(b"OMSW")  # died while creating it
+    with caplog.at_level(logging.WARNING):
+        again = start(tmp_path, cfg)
+    assert "without a header" in caplog.text
+    assert standing(again) == before
+    again.submit(limit("bob", "b1", BUY, 5, 10010))
+    after = standing(again)
+    crash(again)
+    assert [first for first, _ in list_segments(directory)] == [1]
+    assert await replay_hash(tmp_path) == after[1]
+
+
+async def test_a_group_never_grows_past_its_bound(tmp_path: Path) -> None:
+    exchange = start(tmp_path, config(), FlushPolicy.BATCH)
+    commits = exchange.commits
+    assert commits is not None
+    commits.max_group = 3
+    exchange.submit(limit("alice", "a0", SELL, 1, 10010))
+    commits.flush()
+    assert commits.syncing is not None  # the first group's fsync is running
+    for i in range(1, 4):
+        exchange.submit(limit("alice", f"a{i}", SELL, 1, 10010 + i))
+    commits.flush()  # the open group reached the bound: committed at once, not queued
+    assert commits.syncing is None and commits.journal.pending == 0
+    assert [e.number for e in JournalReader(journal_dir(tmp_path)).entries()] == [1, 2, 3, 4]
+    crash(exchange)
