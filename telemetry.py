@@ -98,12 +98,14 @@ class PerformanceRow:
 
 
 def performance_rows(engine: Engine) -> list[PerformanceRow]:
-    """Every trader with an account, by trader id: a pure function of the engine's state
-    (so a replay of the journal writes the same rows)."""
+    """Every trader the engine has heard from (PROTOCOL.md: one row per trader), by trader
+    id; one that never traded stands at its initial cash. A pure function of the engine's
+    state, so a replay of the journal writes the same rows."""
     marks = engine.marks()
     tick_values = engine.tick_values
     rows = []
-    for trader_id, account in sorted(engine.ledger.accounts.items()):
+    for trader_id in sorted(engine.traders):
+        account = engine.ledger.view(trader_id)
         positions = account.positions
         rows.append(PerformanceRow(
             trader_id, sum(p.qty for p in positions.values()), account.cash,
