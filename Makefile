@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_engine.py
 	$(PY) bench/bench_gateway.py
 	$(PY) bench/bench_feed.py
+	$(PY) bench/bench_recovery.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
