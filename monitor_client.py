@@ -18,6 +18,8 @@ import logging
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
+from decimal import Decimal
 from typing import Any, ClassVar
 
 import orjson
@@ -34,6 +36,7 @@ from websockets.exceptions import WebSocketException
 logger = logging.getLogger("monitor")
 
 DEFAULT_URI = "ws://127.0.0.1:9010"
+DEFAULT_TICK_SIZE = "0.01"  # the built-in instrument's
 DEFAULT_DEPTH = 10
 DEFAULT_TIMEOUT_S = 5.0
 MAX_TRADES = 50
@@ -221,6 +224,14 @@ class FeedConnection(Message):
         self.detail = detail
 
 
+def price_formatter(tick_size: str) -> Callable[[int], str]:
+    """Ticks to a currency string with the tick's decimals (10012 at 0.01 -> 100.12). The
+    feed speaks ticks and does not carry the tick size, hence ``--tick-size``."""
+    tick = Decimal(tick_size)
+    places = max(0, -tick.as_tuple().exponent)  # type: ignore[operator]
+    return lambda ticks: f"{ticks * tick:.{places}f}"
+
+
 class MonitorApp(App[None]):
     """Live depth, trades, leaderboard, status and message rate of one feed."""
 
@@ -241,10 +252,12 @@ class MonitorApp(App[None]):
     symbol: reactive[str] = reactive("")
     revision: reactive[int] = reactive(0)  # bumped per applied batch; repaint is throttled
 
-    def __init__(self, uri: str = DEFAULT_URI, depth: int = DEFAULT_DEPTH) -> None:
+    def __init__(self, uri: str = DEFAULT_URI, depth: int = DEFAULT_DEPTH,
+                 tick_size: str = DEFAULT_TICK_SIZE) -> None:
         super().__init__()
         self.uri = uri
         self.depth = depth
+        self.price = price_formatter(tick_size)
         self.state = FeedState()
         self.synced = asyncio.Event()  # set once the first subscription is fully in
         self._painted = -1
@@ -347,10 +360,12 @@ class MonitorApp(App[None]):
             return
         self._painted = self.revision
         state, symbol = self.state, self.symbol
-        self._fill("#bids", [[qty, price] for price, qty in
+        price = self.price
+        self._fill("#bids", [[qty, price(ticks)] for ticks, qty in
                              state.depth(symbol, "bids", self.depth)])
-        self._fill("#asks", state.depth(symbol, "asks", self.depth))
-        self._fill("#trades", [[t["symbol"], t["price"], t["qty"], t["aggressor"]]
+        self._fill("#asks", [[price(ticks), qty] for ticks, qty in
+                             state.depth(symbol, "asks", self.depth)])
+        self._fill("#trades", [[t["symbol"], price(t["price"]), t["qty"], t["aggressor"]]
                                for t in reversed(state.trades)])
         rows = state.leaderboard["rows"] if state.leaderboard else []
         self._fill("#leaderboard", [[r["trader_id"], r["position"], r["realized_pnl"],
@@ -375,7 +390,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="book levels per side (default %(default)s)")
     parser.add_argument("--once", action="store_true",
                         help="print one snapshot and exit instead of the live view")
-    parser.add_argument("--json", action="store_true", help="with --once: print JSON")
+    parser.add_argument("--json", action="store_true",
+                        help="with --once: print JSON (prices stay in ticks, as on the feed)")
+    parser.add_argument("--tick-size", default=DEFAULT_TICK_SIZE,
+                        help="currency per price tick, for display (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                         help="with --once: seconds to wait for the feed (default %(default)s)")
     parser.add_argument("--log-level", default="WARNING",
@@ -411,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     from textual.logging import TextualHandler  # stderr would scribble over the screen
 
     logging.basicConfig(level=args.log_level, handlers=[TextualHandler()])
-    MonitorApp(args.uri, args.depth).run()
+    MonitorApp(args.uri, args.depth, args.tick_size).run()
     return 0
 
 

@@ -11,7 +11,7 @@ import orjson
 from textual.widgets import DataTable, Static
 from websockets.asyncio.server import ServerConnection, serve
 
-from monitor_client import FeedConnection, MonitorApp
+from monitor_client import FeedConnection, MonitorApp, price_formatter
 
 SUBSCRIBE_REPLY: list[dict[str, Any]] = [
     {"type": "subscribed", "channels": ["book", "trades", "leaderboard"], "symbols": [],
@@ -72,12 +72,12 @@ async def test_app_renders_the_book_trades_leaderboard_and_status() -> None:
             await asyncio.wait_for(app.synced.wait(), 10)
             await pilot.pause()
             assert app.symbol == "ALT"  # the first symbol, alphabetically
-            assert rows(app, "#bids") == [[4, 4990]]
+            assert rows(app, "#bids") == [[4, "49.90"]]  # ticks shown as currency
             await pilot.press("n")
             assert app.symbol == "SIM"
-            assert rows(app, "#bids") == [[12, 9999], [7, 9998]]
-            assert rows(app, "#asks") == [[10001, 3]]
-            assert rows(app, "#trades") == [["SIM", 10001, 2, "buy"]]
+            assert rows(app, "#bids") == [[12, "99.99"], [7, "99.98"]]
+            assert rows(app, "#asks") == [["100.01", 3]]
+            assert rows(app, "#trades") == [["SIM", "100.01", 2, "buy"]]
             assert rows(app, "#leaderboard") == [["alice", 2, 0.0, 0.0]]
             status = str(app.query_one("#status", Static).render())
             assert "connected" in status and "exchange: online" in status
@@ -86,3 +86,10 @@ async def test_app_renders_the_book_trades_leaderboard_and_status() -> None:
             await pilot.pause()
             assert "disconnected" in str(app.query_one("#status", Static).render())
             await pilot.press("q")
+
+
+def test_format_prices_with_the_tick_decimals_when_a_tick_size_is_given() -> None:
+    assert price_formatter("0.01")(10012) == "100.12"
+    assert price_formatter("0.5")(3) == "1.5"
+    assert price_formatter("1")(42) == "42"
+    assert price_formatter("0.0001")(123456) == "12.3456"
