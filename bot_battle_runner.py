@@ -483,6 +483,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=_at_least(1, int), default=1,
                         help="processes to spread the bots over; 1 runs them all in this "
                              "process (default: %(default)s)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="the exchange's data directory, when it runs on this machine: "
+                             "after the battle, write report.html there from its CSVs and "
+                             "print the path")
     parser.add_argument("--progress-interval", type=_at_least(0.1, float), default=3.0,
                         help="seconds between progress lines on stderr (default: %(default)s)")
     parser.add_argument("--log-level", default="INFO",
@@ -523,6 +527,20 @@ def main(argv: list[str] | None = None) -> int:
         errors = sorted({r.error for r in results if r.error})
         print(f"{PROG}: error: no bot could log in at {args.exchange_uri}"
               + (f" ({errors[0]})" if errors else ""), file=sys.stderr)
+        return 1
+    if args.data_dir is not None:
+        return _write_report(args.data_dir)
+    return 0
+
+
+def _write_report(data_dir: Path) -> int:
+    """The HTML report of the run so far (the exchange adds its final performance rows
+    when it stops; run report.py again then for those)."""
+    from report import ReportError, build_report
+    try:
+        print(f"report: {build_report(data_dir)}", flush=True)
+    except ReportError as exc:
+        print(f"{PROG}: error: no report: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -99,6 +99,7 @@ async def test_custom_strategies_trade_and_a_crashing_bot_is_isolated(tmp_path: 
     data_dir = tmp_path / "data"
     async with market(data_dir) as (exchange, gateway, feed):
         code, out, err = await run_battle(config, gateway, feed, "--duration", "4",
+                                          "--data-dir", str(data_dir),
                                           pythonpath=modules, cwd=tmp_path)
         assert exchange.proc.returncode is None, "the exchange must survive the battle"
         async with logged_in(gateway, "after-battle") as client:
@@ -120,6 +121,9 @@ async def test_custom_strategies_trade_and_a_crashing_bot_is_isolated(tmp_path: 
     assert len(taker_rows) == board["taker-1"]["fills"]
     assert not [r for r in rows if "boom" in (r["buy_trader"], r["sell_trader"])]
     assert "bots alive" in err  # progress lines
+    report = data_dir / "report.html"
+    assert f"report: {report}" in out
+    assert "taker-1" in report.read_text(encoding="utf-8")
 
 
 @pytest.mark.timeout(90)
