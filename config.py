@@ -137,6 +137,8 @@ def validate(config: ExchangeConfig) -> None:
     for name in ("max_order_qty", "max_position", "max_open_orders", "rate_limit_per_sec",
                  "rate_limit_burst"):
         _positive(f"risk.{name}", getattr(config.risk, name))
+    for name in ("leaderboard_interval_s", "performance_interval_s", "max_message_bytes"):
+        _positive(f"server.{name}", getattr(config.server, name))
     if config.risk.rate_limit_per_sec < 0.001:
         raise ConfigError("risk.rate_limit_per_sec: must be at least 0.001 (the bucket's "
                           f"resolution), got {config.risk.rate_limit_per_sec!r}")

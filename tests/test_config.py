@@ -187,3 +187,10 @@ def test_validate_when_a_config_is_built_in_code() -> None:
     # the checks run on construction, not only in the loader
     with pytest.raises(ConfigError, match=r"^risk\.max_order_qty:"):
         ExchangeConfig(risk=RiskConfig(max_order_qty=0))
+
+
+@pytest.mark.parametrize("key", ["leaderboard_interval_s", "performance_interval_s",
+                                 "max_message_bytes"])
+def test_reject_config_when_a_server_interval_or_size_is_not_positive(key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"server\.{key}: must be positive"):
+        config_from_dict({"server": {key: 0}})
