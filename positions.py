@@ -76,8 +76,6 @@ class Ledger:
         self.tick_values = tick_values
         self.accounts: dict[str, Account] = {}
         self.fee_income = 0  # money units; cash + fee_income over all accounts is conserved
-        # traders holding a position, per symbol, in first-held order (deterministic)
-        self.holders: dict[str, dict[str, None]] = {symbol: {} for symbol in tick_values}
 
     def account(self, trader_id: str) -> Account:
         """The trader's account, opened on first use (only fills open accounts)."""
@@ -118,11 +116,6 @@ class Ledger:
             position.qty = held + signed
             if remaining:
                 position.open_cost = signed // qty * remaining * price
-        holders = self.holders[symbol]
-        if position.qty:
-            holders[trader_id] = None
-        else:
-            holders.pop(trader_id, None)
         return position
 
     def equity(self, trader_id: str, marks: dict[str, int]) -> int:

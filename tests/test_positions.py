@@ -121,15 +121,6 @@ def test_credit_a_rebate_when_the_fee_is_negative(ledger: Ledger) -> None:
     assert ledger.fee_income == -3
 
 
-def test_track_holders_in_first_held_order_when_positions_open_and_close(
-        ledger: Ledger) -> None:
-    fills(ledger, "b", (True, 100, 1))
-    fills(ledger, "a", (False, 100, 1))
-    assert list(ledger.holders[SYM]) == ["b", "a"]
-    fills(ledger, "b", (False, 100, 1))
-    assert list(ledger.holders[SYM]) == ["a"]
-
-
 def test_report_a_flat_position_when_the_trader_never_traded(ledger: Ledger) -> None:
     assert ledger.report("z", SYM, {SYM: 100}) == PositionReport(
         "z", SYM, 0, 0.0, START, 0, 0, START, 0)
