@@ -96,6 +96,35 @@ class ServerConfig:
     max_message_bytes: int = 65_536
 
 
+LATENCY_MODELS: dict[str, tuple[str, ...]] = {  # model -> the parameters it needs
+    "fixed": ("ms",),
+    "uniform": ("low_ms", "high_ms"),
+    "normal": ("mean_ms", "stdev_ms"),
+}
+MAX_LATENCY_MS = 60_000.0  # a minute: anything longer is a unit mistake, not a network
+
+
+@dataclass(slots=True)
+class LatencyProfile:
+    """The inbound delay of the traders whose ids match one of ``traders`` (globs)."""
+
+    traders: list[str] = field(default_factory=list)  # fnmatch patterns, case-sensitive
+    model: str = ""  # a key of LATENCY_MODELS
+    ms: float | None = None  # fixed
+    low_ms: float | None = None  # uniform
+    high_ms: float | None = None
+    mean_ms: float | None = None  # normal, clamped at 0
+    stdev_ms: float | None = None
+
+
+@dataclass(slots=True)
+class LatencyConfig:
+    """The gateway's seeded latency model (``latency.py``); no profiles: off."""
+
+    seed: int = 0
+    profiles: list[LatencyProfile] = field(default_factory=list)  # the first match wins
+
+
 @dataclass(slots=True)
 class ExchangeConfig:
     instruments: list[InstrumentConfig] = field(default_factory=lambda: [InstrumentConfig()])
@@ -103,6 +132,7 @@ class ExchangeConfig:
     fees: FeeConfig = field(default_factory=FeeConfig)
     margin: MarginConfig = field(default_factory=MarginConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)  # the gateway's, not the engine's
 
     def __post_init__(self) -> None:
         validate(self)
@@ -147,6 +177,32 @@ def validate(config: ExchangeConfig) -> None:
         raise ConfigError("margin: need 0 <= maintenance_margin_pct <= initial_margin_pct <= 100")
     if margin.initial_cash < 0:
         raise ConfigError("margin.initial_cash: must not be negative")
+    for i, profile in enumerate(config.latency.profiles):
+        _validate_latency_profile(f"latency.profiles[{i}]", profile)
+
+
+def _validate_latency_profile(where: str, profile: LatencyProfile) -> None:
+    if not profile.traders or not all(profile.traders):
+        raise ConfigError(f"{where}.traders: need at least one non-empty trader_id pattern, "
+                          f"got {profile.traders!r}")
+    needed = LATENCY_MODELS.get(profile.model)
+    if needed is None:
+        raise ConfigError(f"{where}.model: must be one of {', '.join(LATENCY_MODELS)}, "
+                          f"got {profile.model!r}")
+    for params in LATENCY_MODELS.values():
+        for name in params:
+            value = getattr(profile, name)
+            if name in needed and value is None:
+                raise ConfigError(f"{where}.{name}: required by model {profile.model!r}")
+            if name not in needed and value is not None:
+                raise ConfigError(f"{where}.{name}: not a parameter of model {profile.model!r} "
+                                  f"(it takes {', '.join(needed)})")
+            if value is not None and not 0 <= value <= MAX_LATENCY_MS:
+                raise ConfigError(f"{where}.{name}: must be between 0 and {MAX_LATENCY_MS:g} "
+                                  f"ms, got {value!r}")
+    low, high = profile.low_ms, profile.high_ms
+    if low is not None and high is not None and low > high:
+        raise ConfigError(f"{where}: need low_ms <= high_ms, got {low!r} > {high!r}")
 
 
 def _positive(path: str, value: float) -> None:
@@ -164,7 +220,10 @@ def _convert(value: Any, hint: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
         return [_convert(item, item_hint, f"{path}[{i}]") for i, item in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
-        return value
+        args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if value is None or len(args) != 1:
+            return value
+        return _convert(value, args[0], path)  # optional: null is unset, else the type's rules
     if hint is bool:
         if type(value) is not bool:
             raise ConfigError(f"{path}: expected true or false, got {value!r}")

@@ -75,9 +75,11 @@ Sink = Callable[[bytes], Any]
 
 def engine_config(config: ExchangeConfig) -> dict[str, Any]:
     """The part of the configuration the engine's behaviour depends on (the ``server``
-    section only paces the timers, whose ticks are journaled)."""
+    section only paces the timers, whose ticks are journaled; ``latency`` only decides
+    when inputs are sequenced, and the journal holds them as sequenced)."""
     data = dataclasses.asdict(config)
     data.pop("server", None)
+    data.pop("latency", None)
     return orjson.loads(orjson.dumps(data))  # as the journal's JSON header holds it
 
 

@@ -14,6 +14,8 @@ from config import (
     ExchangeConfig,
     FeeConfig,
     InstrumentConfig,
+    LatencyConfig,
+    LatencyProfile,
     MarginConfig,
     RiskConfig,
     ServerConfig,
@@ -194,3 +196,90 @@ def test_validate_when_a_config_is_built_in_code() -> None:
 def test_reject_config_when_a_server_interval_or_size_is_not_positive(key: str) -> None:
     with pytest.raises(ConfigError, match=rf"server\.{key}: must be positive"):
         config_from_dict({"server": {key: 0}})
+
+
+# ------------------------------------------------------------------ latency
+
+
+def latency_profile(**keys: Any) -> dict[str, Any]:
+    return {"latency": {"profiles": [{"traders": ["*"], **keys}]}}
+
+
+def test_latency_is_off_by_default() -> None:
+    assert ExchangeConfig().latency == LatencyConfig(seed=0, profiles=[])
+
+
+def test_load_latency_profiles_in_order_with_numbers_as_floats() -> None:
+    config = config_from_dict({"latency": {"seed": 7, "profiles": [
+        {"traders": ["mm_*"], "model": "fixed", "ms": 0.5},
+        {"traders": ["noise_*", "alice"], "model": "uniform", "low_ms": 1, "high_ms": 3},
+        {"traders": ["*"], "model": "normal", "mean_ms": 2, "stdev_ms": 0.5,
+         "ms": None}]}})  # null is the same as leaving a parameter out
+    assert config.latency == LatencyConfig(7, [
+        LatencyProfile(["mm_*"], "fixed", ms=0.5),
+        LatencyProfile(["noise_*", "alice"], "uniform", low_ms=1.0, high_ms=3.0),
+        LatencyProfile(["*"], "normal", mean_ms=2.0, stdev_ms=0.5)])
+    assert type(config.latency.profiles[1].low_ms) is float
+
+
+@pytest.mark.parametrize(("data", "path", "problem"), [
+    ({"latency": {"sed": 1}}, "latency.sed", "unknown key"),
+    (latency_profile(model="fixed", ms=1, jitter_ms=2), "latency.profiles[0].jitter_ms",
+     "unknown key"),
+    ({"latency": {"seed": 1.5}}, "latency.seed", "integer"),
+    ({"latency": {"profiles": {"traders": ["*"]}}}, "latency.profiles", "list"),
+    ({"latency": {"profiles": [{"traders": "alice", "model": "fixed", "ms": 1}]}},
+     "latency.profiles[0].traders", "list"),
+    ({"latency": {"profiles": [{"traders": [], "model": "fixed", "ms": 1}]}},
+     "latency.profiles[0].traders", "at least one"),
+    ({"latency": {"profiles": [{"traders": [""], "model": "fixed", "ms": 1}]}},
+     "latency.profiles[0].traders", "non-empty"),
+    ({"latency": {"profiles": [{"traders": [7], "model": "fixed", "ms": 1}]}},
+     "latency.profiles[0].traders[0]", "string"),
+    ({"latency": {"profiles": [{"model": "fixed", "ms": 1}]}},
+     "latency.profiles[0].traders", "at least one"),
+    (latency_profile(ms=1), "latency.profiles[0].model", "one of fixed, uniform, normal"),
+    (latency_profile(model="gaussian", mean_ms=1, stdev_ms=1), "latency.profiles[0].model",
+     "'gaussian'"),
+    (latency_profile(model="fixed"), "latency.profiles[0].ms", "required"),
+    (latency_profile(model="uniform", low_ms=1), "latency.profiles[0].high_ms", "required"),
+    (latency_profile(model="normal", stdev_ms=1), "latency.profiles[0].mean_ms", "required"),
+    (latency_profile(model="fixed", ms=1, stdev_ms=1), "latency.profiles[0].stdev_ms",
+     "not a parameter of model 'fixed'"),
+    (latency_profile(model="fixed", ms=-1), "latency.profiles[0].ms", "between 0 and"),
+    (latency_profile(model="normal", mean_ms=1, stdev_ms=-0.1),
+     "latency.profiles[0].stdev_ms", "between 0 and"),
+    (latency_profile(model="fixed", ms=60_001), "latency.profiles[0].ms", "between 0 and"),
+    (latency_profile(model="fixed", ms=float("nan")), "latency.profiles[0].ms", "finite"),
+    (latency_profile(model="uniform", low_ms=0, high_ms=float("inf")),
+     "latency.profiles[0].high_ms", "finite"),
+    (latency_profile(model="fixed", ms="2"), "latency.profiles[0].ms", "number"),
+    (latency_profile(model="fixed", ms=True), "latency.profiles[0].ms", "number"),
+    (latency_profile(model="uniform", low_ms=3, high_ms=1), "latency.profiles[0]",
+     "low_ms <= high_ms"),
+])
+def test_reject_latency_config_naming_the_key(data: dict[str, Any], path: str,
+                                              problem: str) -> None:
+    message = config_error(data)
+    assert message.startswith(f"{path}:"), message
+    assert problem in message
+
+
+def test_name_the_right_profile_when_a_later_one_is_bad() -> None:
+    message = config_error({"latency": {"profiles": [
+        {"traders": ["a"], "model": "fixed", "ms": 1},
+        {"traders": ["b"], "model": "uniform", "low_ms": 1}]}})
+    assert message.startswith("latency.profiles[1].high_ms: required")
+
+
+def test_accept_zero_and_equal_bounds_in_latency_profiles() -> None:
+    config = config_from_dict({"latency": {"profiles": [
+        {"traders": ["a"], "model": "fixed", "ms": 0},
+        {"traders": ["b"], "model": "uniform", "low_ms": 2, "high_ms": 2},
+        {"traders": ["c"], "model": "normal", "mean_ms": 0, "stdev_ms": 0}]}})
+    assert len(config.latency.profiles) == 3
+
+
+def test_the_example_latency_config_loads() -> None:
+    config = load_config(Path(__file__).parent.parent / "configs" / "latency_example.json")
+    assert config.latency.profiles and config.latency.seed == 7
