@@ -21,6 +21,12 @@ replicas named ``name-1``, ``name-2``...; each bot gets its own connections, tra
 and seed, derived from ``--seed`` (or the bot's ``seed``) and its index. A bot whose
 strategy raises is stopped and logged; the others go on. At the end every bot's orders
 are canceled and a leaderboard (from each bot's last position report) is printed.
+
+``--lockstep`` runs the battle in simulated time against an exchange started with
+``--clock sim``: every bot (in every worker process) joins the exchange's lockstep,
+announcing how many bots the battle has, so the first step waits for all of them;
+``--duration`` then counts simulated seconds, and the battle runs as fast as the bots
+answer. The same config and ``--seed`` give the same trades, byte for byte.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -38,7 +45,7 @@ import queue
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,8 +92,10 @@ class BotSpec:
 class RunOptions:
     exchange_uri: str = DEFAULT_EXCHANGE_URI
     market_data_uri: str = DEFAULT_MARKET_DATA_URI
-    duration_s: float = 60.0  # 0: until interrupted
+    duration_s: float = 60.0  # 0: until interrupted; lockstep: simulated seconds
     progress_interval_s: float = 3.0
+    lockstep: bool = False
+    participants: int = 0  # lockstep: bots in the whole battle, over every worker
 
 
 @dataclass
@@ -253,7 +262,9 @@ def make_client(spec: BotSpec, options: RunOptions) -> BotClient:
     strategy = load_class(spec.class_path)()
     return BotClient(ctx, strategy, exchange_uri=options.exchange_uri,
                      market_data_uri=options.market_data_uri,
-                     timer_interval_s=spec.timer_interval_s)
+                     timer_interval_s=spec.timer_interval_s,
+                     lockstep_participants=options.participants if options.lockstep else None,
+                     duration_s=options.duration_s if options.lockstep else 0.0)
 
 
 def _progress(clients: list[BotClient], total: int) -> Progress:
@@ -285,7 +296,8 @@ async def run_bots(specs: list[BotSpec], options: RunOptions, should_stop: Calla
     next_report = start + options.progress_interval_s
     while tasks and not should_stop():
         now = loop.time()
-        if options.duration_s and now - start >= options.duration_s:
+        # lockstep: the bots count simulated time and leave by themselves
+        if options.duration_s and not options.lockstep and now - start >= options.duration_s:
             break
         if now >= next_report:
             report(now - start, _progress(clients, len(specs)))
@@ -341,11 +353,20 @@ def _worker_main(index: int, specs: list[BotSpec], options: RunOptions, log_leve
         def report(_elapsed: float, progress: Progress) -> None:
             out.put(("progress", index, progress))
 
-        return await run_bots(specs, RunOptions(options.exchange_uri, options.market_data_uri,
-                                                options.duration_s, 1.0),
+        return await run_bots(specs, dataclasses.replace(options, progress_interval_s=1.0),
                               lambda: local_stop.is_set() or stop.is_set(), report)
 
-    out.put(("done", index, asyncio.run(main())))
+    out.put(("done", index, run_loop(main())))
+
+
+def run_loop(main: Coroutine[Any, Any, list[BotResult]]) -> list[BotResult]:
+    """Run ``main`` on uvloop when it is installed (bots spend their time in the event
+    loop and the socket layer), else on plain asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def run_workers(specs: list[BotSpec], options: RunOptions, workers: int,
@@ -390,7 +411,8 @@ def _collect(procs: list[Any], groups: list[list[BotSpec]], out: Any, stop: Any,
         except queue.Empty:
             _reap_dead_workers(procs, groups, finished)
         now = time.monotonic()
-        if options.duration_s and now - started > options.duration_s + 30:
+        if options.duration_s and not options.lockstep and \
+                now - started > options.duration_s + 30:
             stop.set()  # workers stop by themselves at the duration; this is a backstop
         if now >= next_report:
             reports = latest.values()
@@ -435,6 +457,12 @@ def format_leaderboard(results: list[BotResult]) -> str:
     return "\n".join(lines)
 
 
+def format_speed(simulated_s: float, wall_s: float) -> str:
+    """How fast a lockstep battle ran, e.g. ``simulated 60.0 s in 4.2 s (14.3x real time)``."""
+    ratio = simulated_s / wall_s if wall_s > 0 else 0.0
+    return f"simulated {simulated_s:.1f} s in {wall_s:.1f} s ({ratio:.1f}x real time)"
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -472,7 +500,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", default=DEFAULT_CONFIG,
                         help="battle config JSON (default: %(default)s)")
     parser.add_argument("--duration", type=_at_least(0, float), default=60.0,
-                        help="seconds to run; 0 runs until interrupted (default: %(default)s)")
+                        help="seconds to run (simulated seconds with --lockstep); 0 runs "
+                             "until interrupted (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=42,
                         help="base seed every bot's seed derives from (default: %(default)s)")
     parser.add_argument("--exchange-uri", type=_ws_uri("--exchange-uri"),
@@ -483,6 +512,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=_at_least(1, int), default=1,
                         help="processes to spread the bots over; 1 runs them all in this "
                              "process (default: %(default)s)")
+    parser.add_argument("--lockstep", action="store_true",
+                        help="simulated time: every bot joins the lockstep of an exchange "
+                             "started with --clock sim; same config and --seed, same trades")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="the exchange's data directory, when it runs on this machine: "
                              "after the battle, write report.html there from its CSVs and "
@@ -516,16 +548,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     options = RunOptions(args.exchange_uri, args.market_data_uri, args.duration,
-                         args.progress_interval)
+                         args.progress_interval, args.lockstep, len(specs))
     workers = min(args.workers, len(specs))
-    log.info("starting %d bots on %d worker(s) against %s", len(specs), workers,
-             args.exchange_uri)
-    results = (asyncio.run(run_in_process(specs, options)) if workers == 1
+    log.info("starting %d bots on %d worker(s) against %s%s", len(specs), workers,
+             args.exchange_uri, " in lockstep" if args.lockstep else "")
+    started = time.monotonic()
+    results = (run_loop(run_in_process(specs, options)) if workers == 1
                else run_workers(specs, options, workers, args.log_level))
     print(format_leaderboard(results), flush=True)
+    if args.lockstep:
+        print(format_speed(max((r.sim_seconds for r in results), default=0.0),
+                           time.monotonic() - started), flush=True)
     if not any(r.logged_in for r in results):
         errors = sorted({r.error for r in results if r.error})
         print(f"{PROG}: error: no bot could log in at {args.exchange_uri}"
+              + (f" ({errors[0]})" if errors else ""), file=sys.stderr)
+        return 1
+    if args.lockstep and all(r.status == "failed" for r in results):
+        errors = sorted({r.error for r in results if r.error})
+        print(f"{PROG}: error: the lockstep battle did not run"
               + (f" ({errors[0]})" if errors else ""), file=sys.stderr)
         return 1
     if args.data_dir is not None:

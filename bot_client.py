@@ -7,6 +7,17 @@ of actions. ``BotClient`` owns the connections: it logs in, subscribes to the fe
 applies every message to the context, calls the strategy's hooks, sends the outbox,
 runs the timer, and reconnects with exponential backoff when a connection drops.
 
+Lockstep mode (``lockstep_participants`` set; the exchange runs ``--clock sim``): the
+bot joins the exchange's lockstep and takes no feed. Each ``tick`` from the gateway
+carries the simulated time and the public market data of the step before (trades, the
+L2 book); the bot applies it, runs ``on_trade``/``on_book``/``on_timer`` on simulated
+time, sends what the strategy queued (including what it queued on the private replies
+that came since the last tick) and then ``step_done``. Everything the strategy sees
+arrives on one connection in the exchange's order, so its decisions are a pure
+function of its seed and the exchange's outputs. After ``duration_s`` simulated
+seconds it leaves the lockstep (``on_stop``, cancel everything, ``lockstep_leave``).
+There is no reconnect in this mode: a lost gateway fails the bot.
+
 Crash isolation: a hook that raises is logged with its traceback and the bot is
 **stopped** (its actions from that hook are dropped, its open orders canceled, its
 connections closed); a strategy in an unknown state should not keep trading. Other
@@ -347,6 +358,7 @@ class BotResult:
     equity: float | None = None
     logged_in: bool = False
     error: str | None = None
+    sim_seconds: float = 0.0  # lockstep: simulated time from its first tick to its last
 
 
 # Errors after which a connection is worth retrying.
@@ -361,7 +373,10 @@ class BotClient:
                  market_data_uri: str = DEFAULT_MARKET_DATA_URI,
                  timer_interval_s: float = 1.0, token: str | None = None,
                  backoff_initial_s: float = 0.2, backoff_max_s: float = 5.0,
-                 start_wait_s: float = 2.0, stop_timeout_s: float = 3.0) -> None:
+                 start_wait_s: float = 2.0, stop_timeout_s: float = 3.0,
+                 lockstep_participants: int | None = None, duration_s: float = 0.0,
+                 lockstep_start_timeout_s: float = 60.0,
+                 leave_timeout_s: float = 10.0) -> None:
         self.ctx = ctx
         self.strategy = strategy
         self.exchange_uri = exchange_uri
@@ -385,6 +400,27 @@ class BotClient:
         self._timer_task: asyncio.Task[None] | None = None
         # Backoff jitter has its own generator: it must not disturb the strategy's rng.
         self._jitter = random.Random(f"backoff/{ctx.trader_id}")
+        # lockstep mode: simulated time comes from the ticks
+        self.lockstep_participants = lockstep_participants
+        self.duration_us = round(duration_s * 1_000_000)
+        self.lockstep_start_timeout_s = lockstep_start_timeout_s
+        self.leave_timeout_s = leave_timeout_s
+        self.sim_now = 0  # the last tick's ts
+        self._sim_start: int | None = None
+        self._next_timer = 0
+        self._joined = False
+        self._leaving = False
+        self._left = asyncio.Event()
+        self._started = asyncio.Event()
+        if lockstep_participants is not None:
+            ctx._clock = self._sim_clock  # ctx.now is simulated time
+
+    @property
+    def lockstep(self) -> bool:
+        return self.lockstep_participants is not None
+
+    def _sim_clock(self) -> int:
+        return self.sim_now
 
     @property
     def alive(self) -> bool:
@@ -394,8 +430,9 @@ class BotClient:
         self._stop.set()
 
     async def run(self) -> BotResult:
-        tasks = [asyncio.create_task(self._guard(self._feed_loop())),
-                 asyncio.create_task(self._guard(self._gateway_loop()))]
+        tasks = [asyncio.create_task(self._guard(self._gateway_loop()))]
+        if not self.lockstep:  # lockstep bots get their market data with the ticks
+            tasks.append(asyncio.create_task(self._guard(self._feed_loop())))
         try:
             await self._stop.wait()
             await self._shutdown()
@@ -409,9 +446,11 @@ class BotClient:
 
     def result(self) -> BotResult:
         ctx = self.ctx
+        sim_seconds = 0.0 if self._sim_start is None else (
+            (self.sim_now - self._sim_start) / 1_000_000)
         return BotResult(ctx.trader_id, type(self.strategy).__name__, self.status, ctx.fills,
                          ctx.position, ctx.cash, ctx.realized_pnl, ctx.equity,
-                         self.logged_in, self.error)
+                         self.logged_in, self.error, sim_seconds)
 
     # ------------------------------------------------------------ hooks and sending
 
@@ -478,11 +517,17 @@ class BotClient:
                     await self._on_logged_in()
                     async for raw in ws:
                         await self._on_gateway_frame(raw)
+                if self.lockstep and not self._stop.is_set():
+                    raise ConnectionError("the exchange closed the connection")
             except (LoginRefused, InvalidURI) as exc:
                 self._fail(f"cannot log in at {self.exchange_uri}: {exc}")
                 return
             except _RETRYABLE as exc:
                 self.error = f"gateway {self.exchange_uri}: {exc or type(exc).__name__}"
+                if self.lockstep and not self._stop.is_set():
+                    # a step's inputs may have been lost: no determinism to resume with
+                    self._fail(f"lockstep: lost the gateway: {self.error}")
+                    return
                 if not self._stop.is_set():
                     self._log_retry(backoff, "%s; reconnecting in %.1fs", self.error, backoff)
             finally:
@@ -505,6 +550,14 @@ class BotClient:
 
     async def _on_logged_in(self) -> None:
         self.ctx.outbox.append({"type": "get_position", "symbol": self.ctx.symbol})
+        if self.lockstep:
+            self.logged_in = True
+            self.error = None
+            self.ctx.outbox.append({"type": "lockstep_join",
+                                    "participants": self.lockstep_participants})
+            await self.flush()
+            self._timer_task = asyncio.create_task(self._guard(self._await_first_tick()))
+            return
         if self.logged_in:
             # A reconnect: orders may have been canceled while we were away; ask.
             self.log.info("reconnected to %s", self.exchange_uri)
@@ -526,6 +579,10 @@ class BotClient:
     async def _on_gateway_frame(self, raw: str | bytes) -> None:
         try:
             msg = orjson.loads(raw)
+            if self.lockstep and self._on_lockstep_message(msg):
+                if msg["type"] == "tick":
+                    await self._on_tick(msg)
+                return
             if msg.get("type") == "pong":
                 self._pong.set()
             elif msg.get("type") == "open_orders":
@@ -535,7 +592,8 @@ class BotClient:
             self.log.warning("ignoring malformed gateway message %.200r: %r", raw, exc)
             return
         self._dispatch(hooks)
-        await self.flush()
+        if not self.lockstep:  # lockstep: what the hooks queued goes out with the next step
+            await self.flush()
 
     def _reconcile(self, msg: dict[str, Any]) -> None:
         ids, self._reconcile_ids = self._reconcile_ids, None
@@ -546,6 +604,83 @@ class BotClient:
             update = self.ctx.drop_order(coid, "canceled", reason="disconnect")
             if update is not None:
                 self.call("on_order_update", update)
+
+    # ------------------------------------------------------------ lockstep
+
+    def _on_lockstep_message(self, msg: dict[str, Any]) -> bool:
+        """Handle a lockstep control message; True when ``msg`` was one (a tick is
+        left to ``_on_tick``)."""
+        kind = msg.get("type")
+        if kind == "tick":
+            return True
+        if kind == "lockstep_joined":
+            self._joined = True
+            self.log.debug("joined the lockstep: %s", msg)
+            return True
+        if kind == "lockstep_left":
+            self._left.set()
+            return True
+        code = msg.get("code")
+        if kind == "error" and isinstance(code, str) and code.startswith("LOCKSTEP_"):
+            self._fail(f"lockstep: {code}: {msg.get('message')}")
+            return True
+        return False
+
+    async def _await_first_tick(self) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._started.wait(), self.lockstep_start_timeout_s)
+        if not self._started.is_set() and not self._stop.is_set():
+            self._fail(f"lockstep: no tick within {self.lockstep_start_timeout_s:.0f} s of "
+                       f"joining ({self.lockstep_participants} participants expected)")
+
+    async def _on_tick(self, msg: dict[str, Any]) -> None:
+        """One step: market data, hooks on simulated time, then this step's inputs."""
+        if self._leaving or self._stop.is_set():
+            return
+        ts = msg["ts"]
+        self.sim_now = ts
+        ctx = self.ctx
+        first = self._sim_start is None
+        if first:
+            self._sim_start = ts
+            self._next_timer = ts + round(self.timer_interval_s * 1_000_000)
+            self._started.set()
+        start = self._sim_start if self._sim_start is not None else ts
+        hooks: list[Hook] = []
+        for trade in msg.get("trades", ()):
+            hooks.extend(ctx.apply_feed(trade))
+        book_changed = self._apply_tick_book(msg)
+        if first:
+            self.status = "running"
+            self.call("on_start")
+        else:
+            self._dispatch(hooks)
+            if book_changed:
+                self.call("on_book", ctx.book)
+        if ts >= self._next_timer:
+            interval = max(1, round(self.timer_interval_s * 1_000_000))
+            self._next_timer += ((ts - self._next_timer) // interval + 1) * interval
+            self.call("on_timer")
+        if self.duration_us and ts - start >= self.duration_us:
+            self._stop.set()  # _shutdown sends this step's last inputs and leaves
+        if self._stop.is_set():
+            return
+        ctx.outbox.append({"type": "step_done", "step": msg["step"]})
+        await self.flush()
+
+    def _apply_tick_book(self, msg: dict[str, Any]) -> bool:
+        """Take the tick's L2 book of our symbol; True when it changed."""
+        book = msg.get("books", {}).get(self.ctx.symbol)
+        if book is None:
+            return False
+        bids = {price: qty for price, qty in book.get("bids", ())}
+        asks = {price: qty for price, qty in book.get("asks", ())}
+        replica = self.ctx.book
+        if replica.ready and replica.bids == bids and replica.asks == asks:
+            return False
+        replica.apply_snapshot({"bids": book.get("bids", ()), "asks": book.get("asks", ()),
+                                "seq": msg.get("seq", 0)})
+        return True
 
     # ------------------------------------------------------------ feed
 
@@ -641,6 +776,15 @@ class BotClient:
         if ws is None:
             return
         self.ctx.cancel_all()
+        if self._joined and not self._leaving:
+            # the cancel and whatever on_stop sent are this step's last inputs
+            self._leaving = True
+            self.ctx.outbox.append({"type": "lockstep_leave"})
+            await self.flush()
+            try:
+                await asyncio.wait_for(self._left.wait(), self.leave_timeout_s)
+            except asyncio.TimeoutError:
+                self.log.warning("the exchange did not confirm lockstep_leave")
         self.ctx.outbox.append({"type": "get_position", "symbol": self.ctx.symbol})
         self.ctx.outbox.append({"type": "ping"})
         self._pong.clear()

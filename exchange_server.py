@@ -19,6 +19,11 @@ in that order before the next request is read. Nothing here awaits a client whil
 sequencing: messages are queued per connection without waiting (``Outbound``) and a
 client whose unsent backlog passes a bound is closed (1008, "too slow").
 
+Lockstep mode (``--clock sim``, ``lockstep.py``): the timestamp is simulated time, and
+``submit`` queues each trader input for its step's boundary, where the step's inputs are
+applied in canonical order (trader id, then the trader's own order) through the same
+path; the leaderboard and performance timers run on simulated time.
+
 Group commit (``--journal-flush batch``, the default): the inputs of an event-loop turn
 (or of up to ``SYNC_INTERVAL_S``, since an fsync costs ~100 us of CPU here) are written
 to the journal in one system call and fsynced on a helper thread while the loop goes on
@@ -42,12 +47,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import functools
 import hmac
 import json
 import logging
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from decimal import Decimal
 from enum import Enum
@@ -74,7 +81,9 @@ from journal import (
     tick_record,
     write_snapshot,
 )
+from latency import DelayStream, LatencyModel
 from launcher import stop_on_signals
+from lockstep import DEFAULT_STEP_MS, DEFAULT_STEP_TIMEOUT_MS, Lockstep, SimClock
 from models import (
     PROTOCOL_VERSION,
     REJECT_EVENTS,
@@ -149,11 +158,57 @@ class Clock:
 class Session:
     """One gateway connection; ``trader_id`` is set by a successful login."""
 
-    __slots__ = ("trader_id", "ws")
+    __slots__ = ("delay", "trader_id", "ws")
 
     def __init__(self, ws: ServerConnection) -> None:
         self.ws = ws
         self.trader_id: str | None = None
+        self.delay: DelayLine | None = None  # set at login if the latency model delays it
+
+
+class DelayLine:
+    """A session's inbound link under the latency model (``latency.py``): each frame is
+    handled after its own sampled delay, but never before an earlier frame of the same
+    connection (due = max(previous due, now + delay)), so the link keeps order as TCP does.
+    """
+
+    __slots__ = ("_deliver", "_due", "_queue", "_stream", "_timer")
+
+    def __init__(self, stream: DelayStream,
+                 deliver: Callable[[str | bytes | None], None]) -> None:
+        self._stream = stream
+        self._deliver = deliver
+        self._queue: deque[tuple[float, str | bytes | None]] = deque()
+        self._due = 0.0  # loop time the last queued frame is due at
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def idle(self) -> bool:
+        return not self._queue
+
+    def push(self, frame: str | bytes | None, delayed: bool = True) -> None:
+        """Queue ``frame`` (``None``: the connection closed) to be delivered after a fresh
+        delay, or (``delayed=False``) right after the frames already in flight."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + (self._stream.next_ns() / 1e9 if delayed else 0.0)
+        self._due = due = max(due, self._due)
+        self._queue.append((due, frame))
+        if self._timer is None:
+            self._timer = loop.call_at(due, self._release)
+
+    def _release(self) -> None:
+        self._timer = None
+        queue = self._queue
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        # the head is due (a timer may fire a clock tick early), and so may be others
+        while True:
+            self._deliver(queue.popleft()[1])
+            if not queue:
+                return
+            if queue[0][0] > now:
+                break
+        self._timer = loop.call_at(queue[0][0], self._release)
 
 
 class Outbound:
@@ -445,14 +500,18 @@ class Exchange:
                  consumer_buffer: int = DEFAULT_CONSUMER_BUFFER, *,
                  recovered: Recovered | None = None,
                  flush: FlushPolicy = FlushPolicy.BATCH,
-                 snapshot_every: int = DEFAULT_SNAPSHOT_EVERY) -> None:
+                 snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
+                 step_ms: int | None = None,
+                 step_timeout_ms: int = DEFAULT_STEP_TIMEOUT_MS) -> None:
         """Without ``recovered`` the exchange starts empty and journals nothing; with it,
-        it continues from the recovered state and journals every input."""
+        it continues from the recovered state and journals every input. ``step_ms``
+        selects lockstep mode (``--clock sim``, ``lockstep.py``)."""
         self.config = config
         self.engine = recovered.engine if recovered else Engine(config)
         self.telemetry = telemetry
         self.accounts = accounts
-        self.clock = Clock(recovered.last_ts if recovered else 0)
+        last_ts = recovered.last_ts if recovered else 0
+        self.clock: Clock | SimClock = Clock(last_ts) if step_ms is None else SimClock(last_ts)
         self.seq = recovered.seq if recovered else 0
         self.commits = CommitQueue(recovered.journal, flush, telemetry) if recovered else None
         self.snapshot_every = snapshot_every
@@ -462,6 +521,7 @@ class Exchange:
             self.commits.on_idle = self._maybe_snapshot
         self._fingerprint = core_fingerprint() if recovered else ""
         self.stopping = False
+        self.latency = LatencyModel(config.latency)
         self.sessions: dict[str, dict[ServerConnection, None]] = {}  # trader -> its sessions
         self.consumers: dict[ServerConnection, None] = {}
         self.to_clients = Outbound(client_buffer, "trader session")
@@ -483,6 +543,10 @@ class Exchange:
             Login: self._login, Ping: self._ping, GetPosition: self._get_position,
             GetOpenOrders: self._get_open_orders,
         }
+        # lockstep mode: simulated time, inputs applied per step in canonical order
+        self.lockstep = None if step_ms is None else Lockstep(self, step_ms, step_timeout_ms)
+        self._requests.update(self.lockstep.handlers() if self.lockstep is not None else
+                              dict.fromkeys(Lockstep.request_types(), self._no_lockstep))
 
     def _build_login_info(self) -> dict[str, Any]:
         config = self.config
@@ -510,6 +574,8 @@ class Exchange:
         The command is journaled first, whatever its outcome: a rejection still spends a
         rate-limit token, and a command the engine fails on may have changed something,
         which a replay then reproduces the same way."""
+        if self.lockstep is not None and self.lockstep.defer(command):
+            return  # lockstep: applied at its step's boundary, in canonical order
         ts = self.clock.now()
         commits = self.commits
         if commits is None:
@@ -542,6 +608,8 @@ class Exchange:
 
     def _record_trade(self, trade: Trade, seq: int) -> None:
         self._fill_prices[trade.symbol] = trade.price
+        if self.lockstep is not None:
+            self.lockstep.on_trade(trade, seq)
         row = self.telemetry.format.trade(trade, seq)
         if self.commits is not None:
             self.commits.open.trades.append(row)  # written when its input is durable
@@ -587,6 +655,14 @@ class Exchange:
             outbound.send(peers, data)
         else:
             self.commits.hold(outbound, peers, data)
+
+    def send_to_clients(self, peers: Iterable[ServerConnection], data: bytes) -> None:
+        """Trader sessions get ``data`` after everything queued before it."""
+        self._out(self.to_clients, peers, data)
+
+    def _no_lockstep(self, _session: Session, _request: Any) -> None:
+        raise ProtocolError(RejectCode.LOCKSTEP_NOT_ENABLED,
+                            "lockstep messages need an exchange started with --clock sim")
 
     def _send_private(self, trader_id: str, message: dict[str, Any]) -> None:
         sessions = self.sessions.get(trader_id)
@@ -679,11 +755,24 @@ class Exchange:
         session = Session(ws)
         try:
             async for frame in ws:
-                self.on_frame(session, frame)
+                if session.delay is None:  # no latency model for it: the direct path
+                    self.on_frame(session, frame)
+                else:
+                    session.delay.push(frame)
         except ConnectionClosed:
             pass  # a client that vanishes is normal; its session just ends
         finally:
+            if session.delay is None or session.delay.idle:
+                self.end_session(session)
+            else:  # its inputs still in flight are sequenced first, then it ends
+                session.delay.push(None, delayed=False)
+
+    def _delayed_frame(self, session: Session, frame: str | bytes | None) -> None:
+        """A frame (``None``: the disconnect) leaving a session's ``DelayLine``."""
+        if frame is None:
             self.end_session(session)
+        else:
+            self.on_frame(session, frame)
 
     def on_frame(self, session: Session, frame: str | bytes) -> None:
         """Handle one inbound frame completely (synchronously: this is the sequencer)."""
@@ -725,6 +814,8 @@ class Exchange:
         trader_id = session.trader_id
         if trader_id is None:
             return
+        if self.lockstep is not None:
+            self.lockstep.session_ended(session)
         sessions = self.sessions.get(trader_id, {})
         sessions.pop(session.ws, None)
         if sessions:
@@ -746,6 +837,11 @@ class Exchange:
                                     "unknown trader_id or wrong token")
         session.trader_id = request.trader_id
         self.sessions.setdefault(request.trader_id, {})[session.ws] = None
+        stream = self.latency.stream(request.trader_id)
+        # real time: every later frame of this connection waits its delay (lockstep
+        # delays by whole steps instead, with latency.steps_for, when it defers inputs)
+        if stream is not None and self.lockstep is None:
+            session.delay = DelayLine(stream, functools.partial(self._delayed_frame, session))
         log.info("trader %s logged in from %s", request.trader_id, session.ws.remote_address)
         self._reply(session, {"type": "login_ack", "trader_id": request.trader_id,
                               **self._login_info})
@@ -894,10 +990,11 @@ async def run(args: argparse.Namespace, exchange: Exchange) -> None:
     print("READY " + json.dumps({"gateway": endpoint_uri(gateway),
                                  "events": endpoint_uri(events)}), flush=True)
     server_config = exchange.config.server
-    tasks = [asyncio.create_task(every(server_config.leaderboard_interval_s,
-                                       exchange.publish_leaderboard)),
-             asyncio.create_task(every(server_config.performance_interval_s,
-                                       exchange.write_performance))]
+    tasks = [] if exchange.lockstep is not None else [  # lockstep: timers on sim time
+        asyncio.create_task(every(server_config.leaderboard_interval_s,
+                                  exchange.publish_leaderboard)),
+        asyncio.create_task(every(server_config.performance_interval_s,
+                                  exchange.write_performance))]
     await stop.wait()
     log.info("shutting down")
     await shutdown(exchange, (gateway, events), tasks)
@@ -906,6 +1003,8 @@ async def run(args: argparse.Namespace, exchange: Exchange) -> None:
 async def shutdown(exchange: Exchange, servers: tuple[Server, ...],
                    tasks: list[asyncio.Task[None]]) -> None:
     exchange.stopping = True
+    if exchange.lockstep is not None:
+        exchange.lockstep.stop()  # the last rows below carry the last step's sim ts
     for task in tasks:
         task.cancel()
     for server in servers:
@@ -966,6 +1065,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-journal", action="store_true",
                         help="journal nothing: a restart starts empty (benchmarks, "
                              "throwaway runs)")
+    parser.add_argument("--clock", choices=["wall", "sim"], default="wall",
+                        help="wall: inputs are applied as they arrive, at wall-clock time; "
+                             "sim: lockstep mode, simulated time advancing in steps of "
+                             "--step-ms that registered bots answer (API_SPEC.md, "
+                             "\"Lockstep mode\") (%(default)s)")
+    parser.add_argument("--step-ms", type=int, default=DEFAULT_STEP_MS,
+                        help="--clock sim: simulated milliseconds per step (%(default)s)")
+    parser.add_argument("--step-timeout-ms", type=int, default=DEFAULT_STEP_TIMEOUT_MS,
+                        help="--clock sim: wall-clock milliseconds a bot may take to answer "
+                             "a tick before it is skipped for that step (%(default)s)")
     parser.add_argument("--accounts",
                         help="JSON object trader_id -> token; when given, login needs a token")
     parser.add_argument("--client-buffer", type=int, default=DEFAULT_CLIENT_BUFFER,
@@ -1001,6 +1110,8 @@ def main(argv: list[str] | None = None) -> int:
         args.parser.exit(2, f"exchange_server: config error: {exc}\n")
     if args.snapshot_every < 0:
         args.parser.exit(2, "exchange_server: --snapshot-every must be >= 0\n")
+    if args.step_ms <= 0 or args.step_timeout_ms <= 0:
+        args.parser.exit(2, "exchange_server: --step-ms and --step-timeout-ms must be > 0\n")
     data_dir = Path(args.data_dir)
     if args.no_journal and list_segments(journal_dir(data_dir)):
         args.parser.exit(2, f"exchange_server: {data_dir} has a journal; --no-journal would "
@@ -1022,7 +1133,9 @@ def main(argv: list[str] | None = None) -> int:
         args.parser.exit(2, f"exchange_server: cannot use {data_dir}: {exc}\n")
     exchange = Exchange(config, telemetry, accounts, args.client_buffer, args.consumer_buffer,
                         recovered=recovered, flush=FlushPolicy(args.journal_flush),
-                        snapshot_every=args.snapshot_every)
+                        snapshot_every=args.snapshot_every,
+                        step_ms=args.step_ms if args.clock == "sim" else None,
+                        step_timeout_ms=args.step_timeout_ms)
     try:
         run_loop(run(args, exchange))
     except OSError as exc:

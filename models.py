@@ -114,6 +114,12 @@ class RejectCode(StrEnum):
     MARKET_CLOSED = "MARKET_CLOSED"
     TRADER_LIQUIDATING = "TRADER_LIQUIDATING"
     INTERNAL_ERROR = "INTERNAL_ERROR"  # a bug on the exchange's side; the input changed nothing
+    # lockstep (simulated-time) mode; see the lockstep section below and API_SPEC.md
+    LOCKSTEP_NOT_ENABLED = "LOCKSTEP_NOT_ENABLED"
+    LOCKSTEP_PARTICIPANTS_MISMATCH = "LOCKSTEP_PARTICIPANTS_MISMATCH"
+    LOCKSTEP_ALREADY_JOINED = "LOCKSTEP_ALREADY_JOINED"
+    LOCKSTEP_NOT_JOINED = "LOCKSTEP_NOT_JOINED"
+    LOCKSTEP_BAD_STEP = "LOCKSTEP_BAD_STEP"
 
 
 # --------------------------------------------------------------------------- commands
@@ -192,8 +198,53 @@ class Ping:
     pass
 
 
+# --------------------------------------------------------------------------- lockstep
+# Session messages of lockstep (simulated-time) mode (``lockstep.py``): never sequenced.
+
+
+@dataclass(slots=True)
+class LockstepJoin:
+    """Take part in the lockstep; ``participants`` is how many bots the battle runs."""
+
+    participants: int
+
+
+@dataclass(slots=True)
+class StepDone:
+    """The trader has sent all its inputs for step ``step``."""
+
+    step: int
+
+
+@dataclass(slots=True)
+class LockstepLeave:
+    """Leave the lockstep after the open step (the inputs sent before this are in it)."""
+
+
+LockstepRequest = LockstepJoin | StepDone | LockstepLeave
+
+
+def _parse_lockstep_join(msg: dict[str, Any], _trader: str, _default: str | None) -> LockstepJoin:
+    participants = _positive_int(msg, "participants", None)
+    assert participants is not None
+    return LockstepJoin(participants)
+
+
+def _parse_step_done(msg: dict[str, Any], _trader: str, _default: str | None) -> StepDone:
+    step = _positive_int(msg, "step", None)
+    assert step is not None
+    return StepDone(step)
+
+
+def _parse_lockstep_leave(msg: dict[str, Any], _trader: str,
+                          _default: str | None) -> LockstepLeave:
+    return LockstepLeave()
+
+
+# --------------------------------------------------------------------------- requests
+
 Request = (Login | GetPosition | GetOpenOrders | Ping | NewOrder | CancelOrder | AmendOrder
-           | CancelAll)
+           | CancelAll | LockstepRequest)
 
 
 # --------------------------------------------------------------------------- events
@@ -541,6 +592,9 @@ _PARSERS = {
     "cancel_all": _parse_cancel_all,
     "get_position": _parse_get_position,
     "get_open_orders": _parse_get_open_orders,
+    "lockstep_join": _parse_lockstep_join,  # lockstep mode (see the lockstep section)
+    "step_done": _parse_step_done,
+    "lockstep_leave": _parse_lockstep_leave,
 }
 
 

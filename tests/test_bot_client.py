@@ -270,3 +270,91 @@ async def test_a_raising_hook_stops_only_its_own_bot(caplog: pytest.LogCaptureFi
     sent = [m["type"] for _, m in seen]
     assert "new_order" not in sent
     assert sent.count("cancel_all") == 2  # the crashed bot's orders are canceled too
+
+
+# --------------------------------------------------------------------------- lockstep
+
+
+class SimRecorder(Strategy):
+    """Records each hook with the simulated time it saw; orders on start and first ack."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def on_start(self, ctx: StrategyContext) -> None:
+        self.calls.append(("start", ctx.now, ctx.best_bid))
+        ctx.buy(1, 9_990)
+
+    def on_order_update(self, ctx: StrategyContext, update: OrderUpdate) -> None:
+        if update.kind == "ack" and update.client_order_id == "o1":
+            self.calls.append(("ack", ctx.now))
+            ctx.sell(1, 10_100)  # sent with the next step's inputs
+
+    def on_trade(self, ctx: StrategyContext, trade: TradeEvent) -> None:
+        self.calls.append(("trade", ctx.now, trade.price))
+
+    def on_book(self, ctx: StrategyContext, book: Book) -> None:
+        self.calls.append(("book", ctx.now, book.best_ask, book.depth(1).asks))
+
+    def on_timer(self, ctx: StrategyContext) -> None:
+        self.calls.append(("timer", ctx.now))
+
+    def on_stop(self, ctx: StrategyContext) -> None:
+        self.calls.append(("stop", ctx.now))
+
+
+async def test_a_lockstep_bot_answers_ticks_on_simulated_time() -> None:
+    received: list[dict[str, Any]] = []
+    after_leaving: list[tuple[int, dict[str, Any]]] = []
+    book = {"bids": [[9_995, 5]], "asks": [[10_005, 5]]}
+    trade = {"type": "trade", "symbol": "SIM", "seq": 9, "trade_id": 1, "price": 10_005,
+             "qty": 1, "aggressor": "buy", "buy_trader": "x", "sell_trader": "y",
+             "ts": 20_000}
+
+    async def next_message(ws: ServerConnection) -> dict[str, Any]:
+        message = orjson.loads(await ws.recv())
+        received.append(message)
+        return message
+
+    async def handler(ws: ServerConnection, n: int) -> None:
+        await _login(ws)
+        assert (await next_message(ws))["type"] == "get_position"
+        assert await next_message(ws) == {"type": "lockstep_join", "participants": 1}
+        await _send(ws, {"type": "lockstep_joined", "participants": 1, "joined": 1,
+                         "first_step": 1, "step_ms": 10})
+        for step in range(1, 10):
+            after_trade = step >= 3
+            await _send(ws, {"type": "tick", "step": step, "ts": step * 10_000, "seq": 0,
+                             "trades": [trade] if step == 3 else [],
+                             "books": {"SIM": {**book, "asks": [[10_005, 4]]}
+                                       if after_trade else book}})
+            while (message := await next_message(ws))["type"] not in (
+                    "step_done", "lockstep_leave"):
+                if message["type"] == "new_order":
+                    await _send(ws, {"type": "order_ack", "order_id": step, "leaves_qty": 1,
+                                     "client_order_id": message["client_order_id"]})
+            if message["type"] == "lockstep_leave":
+                await _send(ws, {"type": "lockstep_left", "step": step})
+                break
+        await _answer_requests(ws, after_leaving, n)
+
+    strategy = SimRecorder()
+    async with fake_gateway(handler) as uri:
+        client = BotClient(BotContext("t1", symbol="SIM"), strategy, exchange_uri=uri,
+                           market_data_uri=_closed_port_uri(), timer_interval_s=0.02,
+                           lockstep_participants=1, duration_s=0.05)
+        result = await asyncio.wait_for(client.run(), WAIT_S)
+    assert result.status == "stopped" and result.sim_seconds == 0.05
+    assert strategy.calls == [
+        ("start", 10_000, 9_995), ("ack", 10_000),
+        ("trade", 30_000, 10_005), ("book", 30_000, 10_005, [(10_005, 4)]),
+        ("timer", 30_000), ("timer", 50_000), ("stop", 60_000)]
+    sent = [(m["type"], m.get("client_order_id") or m.get("step"))
+            for m in received + [m for _, m in after_leaving]]
+    assert sent == [
+        ("get_position", None), ("lockstep_join", None),
+        ("new_order", "o1"), ("step_done", 1),
+        ("new_order", "o2"), ("step_done", 2),  # the ack's order, with the next step
+        ("step_done", 3), ("step_done", 4), ("step_done", 5),
+        ("cancel_all", None), ("lockstep_leave", None),  # the tick at 0.05 s: leave
+        ("get_position", None), ("ping", None)]
