@@ -130,6 +130,7 @@ TOO_SLOW = (1008, "too slow")
 DEFAULT_SNAPSHOT_EVERY = 100_000  # inputs: bounds recovery to about a second of replay
 MAX_GROUP = 4096  # inputs one commit group may hold before it is committed at once
 SYNC_INTERVAL_S = 0.001  # batch: fsyncs start at least this far apart (the group window)
+DEFAULT_SYNC_MS = 10  # interval: the longest acked inputs stay in the OS cache only
 EXIT_JOURNAL_FAILED = 3  # the journal could not be written or read
 
 
@@ -138,6 +139,9 @@ class FlushPolicy(str, Enum):
 
     EVERY = "every"  # write + fsync per input, before its messages go out
     BATCH = "batch"  # write per loop turn, fsync per group; messages wait for the fsync
+    # write per loop turn, messages go out at once; fsync in the background at most
+    # --journal-sync-ms apart: a killed process loses nothing, an OS crash that window
+    INTERVAL = "interval"
     OFF = "off"  # write per loop turn, never fsync: survives a killed process, not the OS
 
 
@@ -342,14 +346,17 @@ class HeldGroup:
 
 
 class CommitQueue:
-    """Group commit: every output waits for the journal write (and, unless the policy is
-    ``off``, the fsync) that covers the inputs before it, then goes out in the order it
-    was produced. Outputs of one group never overtake those of an earlier one."""
+    """Group commit: every output waits for the journal write (and, with ``every`` and
+    ``batch``, the fsync) that covers the inputs before it, then goes out in the order it
+    was produced. Outputs of one group never overtake those of an earlier one. With
+    ``interval`` an fsync follows the write on the helper thread within the period."""
 
     def __init__(self, journal: JournalWriter, policy: FlushPolicy, telemetry: Telemetry,
-                 max_group: int = MAX_GROUP) -> None:
+                 max_group: int = MAX_GROUP, sync_interval_s: float = DEFAULT_SYNC_MS / 1000,
+                 ) -> None:
         self.journal = journal
         self.policy = policy
+        self.sync_interval_s = sync_interval_s  # interval: the background fsync's period
         self.telemetry = telemetry
         self.max_group = max_group
         self.open = HeldGroup()  # collecting this turn's outputs
@@ -362,6 +369,10 @@ class CommitQueue:
         self._last_sync = 0.0  # when the last background fsync started (monotonic)
         self.syncs = 0  # fsyncs so far (inputs / syncs: the mean group size)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        # interval: the background fsync running now, and the timer that starts the next
+        self._background: concurrent.futures.Future[None] | None = None
+        self._sync_timer: asyncio.TimerHandle | None = None
+        self._unsynced = False  # written since the last background fsync started
 
     def hold(self, outbound: Outbound, peers: Iterable[ServerConnection], data: bytes) -> None:
         # the peers are fixed now: a consumer that connects later must not get this
@@ -390,6 +401,9 @@ class CommitQueue:
         if self.closed:  # shutdown committed everything; late replies just go out
             self.release(self._cut())
             return
+        if self.policy is FlushPolicy.INTERVAL:
+            self._flush_interval()
+            return
         if self.syncing is not None:
             if self.journal.pending >= self.max_group:
                 self.commit_now()  # bound what a crash can take: no group grows past this
@@ -409,14 +423,52 @@ class CommitQueue:
         else:
             self.release(group)
 
-    def _start_sync(self, group: HeldGroup) -> None:
+    def _flush_interval(self) -> None:
+        """``interval``: the turn's records are written (so a killed process loses
+        none of them) and its outputs go out now; an fsync follows within the period."""
+        if self.on_idle is not None:
+            self.on_idle()
+        if self._write():
+            self._unsynced = True
+            self._sync_later()
+        self.release(self._cut())
+
+    def _sync_later(self) -> None:
+        if self._sync_timer is not None or self._background is not None or self.closed:
+            return  # the running fsync's completion looks again
+        wait = max(0.0, self._last_sync + self.sync_interval_s - time.monotonic())
+        self._sync_timer = asyncio.get_running_loop().call_later(wait, self._sync_background)
+
+    def _sync_background(self) -> None:
+        self._sync_timer = None
+        if self.closed or not self._unsynced:
+            return
+        self._unsynced = False
+        self.syncs += 1
+        self._last_sync = time.monotonic()
+        self._background = self._thread().submit(self.journal.sync)
+        asyncio.wrap_future(self._background).add_done_callback(self._background_synced)
+
+    def _background_synced(self, future: asyncio.Future[None]) -> None:
+        self._background = None
+        exc = future.exception() if not future.cancelled() else None
+        if exc is not None and not self.closed:
+            self.on_fatal(exc)
+            return
+        if self._unsynced:
+            self._sync_later()
+
+    def _thread(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="journal-sync")
+        return self._executor
+
+    def _start_sync(self, group: HeldGroup) -> None:
         self.syncing = group
         self.syncs += 1
         self._last_sync = time.monotonic()
-        group.future = asyncio.get_running_loop().run_in_executor(self._executor,
+        group.future = asyncio.get_running_loop().run_in_executor(self._thread(),
                                                                   self.journal.sync)
         group.future.add_done_callback(self._synced)
 
@@ -436,6 +488,12 @@ class CommitQueue:
         """Make everything journaled so far durable and release every held output, now
         (each input with ``every``; shutdown; snapshots, which always fsync)."""
         in_flight, self.syncing = self.syncing, None
+        if self._background is not None:  # a segment may be closed after this returns
+            try:
+                self._background.result()
+            except OSError as exc:
+                self.on_fatal(exc)
+                raise
         written = self._write()
         if (written or in_flight is not None or force_sync) and \
                 (force_sync or self.policy is not FlushPolicy.OFF):
@@ -486,6 +544,8 @@ class CommitQueue:
         """Commit everything, stop the fsync thread and close the journal."""
         self.commit_now(force_sync=True)
         self.closed = True
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         self.journal.close()
@@ -500,6 +560,7 @@ class Exchange:
                  consumer_buffer: int = DEFAULT_CONSUMER_BUFFER, *,
                  recovered: Recovered | None = None,
                  flush: FlushPolicy = FlushPolicy.BATCH,
+                 sync_ms: int = DEFAULT_SYNC_MS,
                  snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
                  step_ms: int | None = None,
                  step_timeout_ms: int = DEFAULT_STEP_TIMEOUT_MS) -> None:
@@ -513,7 +574,8 @@ class Exchange:
         last_ts = recovered.last_ts if recovered else 0
         self.clock: Clock | SimClock = Clock(last_ts) if step_ms is None else SimClock(last_ts)
         self.seq = recovered.seq if recovered else 0
-        self.commits = CommitQueue(recovered.journal, flush, telemetry) if recovered else None
+        self.commits = CommitQueue(recovered.journal, flush, telemetry,
+                                   sync_interval_s=sync_ms / 1000) if recovered else None
         self.snapshot_every = snapshot_every
         # inputs the newest snapshot covers: a long replayed tail is snapshotted soon
         self._snapshot_at = (recovered.snapshot_at or 0) if recovered else 0
@@ -1057,8 +1119,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="every: fsync each input before its replies go out; batch: "
                              "group commit, one fsync per group of inputs (at most every "
                              "1 ms), replies wait for it (nothing acknowledged is ever lost); "
+                             "interval: replies wait for the write only, fsync in the "
+                             "background every --journal-sync-ms (a killed process loses "
+                             "nothing, an OS crash at most that window); "
                              "off: never fsync (survives a killed process, not a power "
                              "loss) (%(default)s)")
+    parser.add_argument("--journal-sync-ms", type=int, default=DEFAULT_SYNC_MS, metavar="MS",
+                        help="--journal-flush interval: the longest acknowledged inputs "
+                             "wait for their fsync (%(default)s)")
     parser.add_argument("--snapshot-every", type=int, default=DEFAULT_SNAPSHOT_EVERY,
                         metavar="N", help="snapshot the state every N journaled inputs, "
                         "which bounds recovery time; 0: only at shutdown (%(default)s)")
@@ -1110,6 +1178,8 @@ def main(argv: list[str] | None = None) -> int:
         args.parser.exit(2, f"exchange_server: config error: {exc}\n")
     if args.snapshot_every < 0:
         args.parser.exit(2, "exchange_server: --snapshot-every must be >= 0\n")
+    if args.journal_sync_ms <= 0:
+        args.parser.exit(2, "exchange_server: --journal-sync-ms must be > 0\n")
     if args.step_ms <= 0 or args.step_timeout_ms <= 0:
         args.parser.exit(2, "exchange_server: --step-ms and --step-timeout-ms must be > 0\n")
     data_dir = Path(args.data_dir)
@@ -1133,6 +1203,7 @@ def main(argv: list[str] | None = None) -> int:
         args.parser.exit(2, f"exchange_server: cannot use {data_dir}: {exc}\n")
     exchange = Exchange(config, telemetry, accounts, args.client_buffer, args.consumer_buffer,
                         recovered=recovered, flush=FlushPolicy(args.journal_flush),
+                        sync_ms=args.journal_sync_ms,
                         snapshot_every=args.snapshot_every,
                         step_ms=args.step_ms if args.clock == "sim" else None,
                         step_timeout_ms=args.step_timeout_ms)

@@ -139,7 +139,9 @@ async def test_no_output_leaves_before_its_inputs_are_in_the_journal(
         durable["synced"] = max(durable["synced"], through)
 
     def release(self: CommitQueue, group: HeldGroup) -> None:
-        needed = "written" if flush is FlushPolicy.OFF else "synced"
+        # off and interval release on the write (a killed process loses nothing);
+        # interval's fsync follows within its period (see the test below)
+        needed = "written" if flush in (FlushPolicy.OFF, FlushPolicy.INTERVAL) else "synced"
         assert group.through <= durable[needed], (group.through, durable)
         if group.trades or group.performance or group.messages:
             released.append(group.through)
@@ -160,6 +162,34 @@ async def test_no_output_leaves_before_its_inputs_are_in_the_journal(
     crash(exchange)
     assert released == sorted(released) and len(released) >= 3
     assert trades_csv.read_bytes().count(b"\n") == exchange.engine.next_trade_id  # + header
+
+
+async def test_interval_fsyncs_what_it_released_within_its_period(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced = asyncio.get_running_loop().create_future()
+    real_sync = JournalWriter.sync
+
+    def sync(self: JournalWriter) -> None:
+        through = self.written_number
+        real_sync(self)
+        if through >= 2 and not synced.done():
+            synced.get_loop().call_soon_threadsafe(synced.set_result, through)
+
+    monkeypatch.setattr(JournalWriter, "sync", sync)
+    exchange = start(tmp_path, config(**RATE_LIMITED), FlushPolicy.INTERVAL)
+    assert exchange.commits is not None
+    trades_csv = tmp_path / "trades.csv"
+    header_only = trades_csv.read_bytes()
+    exchange.submit(limit("alice", "a1", SELL, 5, 10010))
+    exchange.submit(limit("bob", "b1", BUY, 5, 10010))
+    await settle(exchange)
+    # released on the write, before any fsync; the fsync follows with no further input
+    assert trades_csv.read_bytes() != header_only
+    assert await asyncio.wait_for(synced, 5.0) >= 2
+    syncs = exchange.commits.syncs
+    await settle(exchange)
+    assert exchange.commits.syncs == syncs  # nothing new written: no more fsyncs
+    crash(exchange)
 
 
 async def test_a_crash_between_journal_and_csv_write_is_reconciled(

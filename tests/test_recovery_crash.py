@@ -36,7 +36,7 @@ from tests.stack import Client, logged_in, running_exchange
 from tests.test_recovery_support import final_hash, recovered_line, replay_hash, run_replay
 
 TRADERS = ("alice", "bob", "carol", "dave")
-POLICIES = ("batch", "every", "off")  # by seed, so the default run has one of each
+POLICIES = ("interval", "batch", "every", "off")  # by seed: the default run has one of each
 MID = 10_000
 BATTLE_TIMEOUT_S = 30.0
 
@@ -229,7 +229,7 @@ async def crash_and_recover(tmp_path: Path, seed: int) -> None:
     assert await replay_hash(data) == final
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
 async def test_sigkill_in_a_battle_loses_and_doubles_nothing(tmp_path: Path, seed: int) -> None:
     await crash_and_recover(tmp_path, seed)
 
