@@ -5,14 +5,17 @@ read-only subscribers (see ../shared/PROTOCOL.md, "Market data feed").
 Design, for speed and for isolation (see ../shared/PERFORMANCE_NOTES.md):
 
 - One task consumes the exchange stream and does all the bookkeeping synchronously:
-  each public message is encoded once and the same ``bytes`` are appended to the
-  backlog of every subscriber whose view includes it.
-- Each subscriber has its own writer task that drains its backlog (one frame per
-  message, or one JSON array per frame with ``"batch": true``), many frames per socket
-  write. A writer blocked on a full socket never blocks the consumer; when a backlog
-  passes its byte limit it is dropped (replies the client asked for are kept) and
-  replaced by fresh snapshots, so a slow subscriber skips ahead but never silently
-  misses an update. A peer that reads nothing at all is closed with 1008 "too slow".
+  each public message is encoded once and appended to the shared log of every distinct
+  view (channels, symbols, depth, batch) that includes it, not to each subscriber.
+- Once per loop iteration a view's log is flushed: each run of it is framed once (one
+  frame per message, or one JSON array per frame with ``"batch": true``) and the same
+  bytes are written to every subscriber whose cursor stands at its start, many frames
+  per socket write. A subscriber whose socket is full is skipped (its writer task waits
+  for the socket to drain) and later catches up from the log in larger chunks; when its
+  lag passes its byte limit its cursor jumps to the head and it gets fresh snapshots
+  (replies the client asked for are kept), so it skips ahead but never silently misses
+  an update. The log is trimmed below the slowest cursor. A peer that reads nothing at
+  all is closed with 1008 "too slow".
 - On a sequence gap, a malformed stream or a lost connection the relay reconnects,
   which yields a fresh exchange snapshot, and resynchronises every subscriber.
 
@@ -28,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import struct
 import sys
 import time
 from bisect import bisect_left, insort
@@ -40,7 +44,7 @@ import orjson
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, WebSocketException
-from websockets.protocol import Protocol, State
+from websockets.protocol import State
 
 from launcher import stop_on_signals
 from models import ProtocolError, RejectCode
@@ -64,6 +68,11 @@ SUBSCRIBER_WRITE_LIMIT = 128 * 1024
 # that the resync's snapshots supersede.
 CONTROL_PREFIXES = (b'{"type":"pong"', b'{"type":"error"', b'{"type":"subscribed"')
 TOO_SLOW = (1008, "too slow: not reading the feed")
+# A subscriber resynchronised this many times in a row, over at least UNREAD_TIMEOUT_S,
+# without reading any of it is closed (TOO_SLOW) when the next resync is due, rather
+# than resynced until the WebSocket keepalive gives up on it (about 40 s later).
+MAX_UNREAD_RESYNCS = 3
+UNREAD_TIMEOUT_S = 10.0
 # Left to autotuning, a stalled subscriber's kernel send buffer grows to megabytes
 # before the relay notices anything; a fixed one bounds that memory and makes the
 # lag visible in the relay's own backlog. Loopback needs little to run at full speed.
@@ -298,105 +307,318 @@ def _error(code: RejectCode, message: str) -> bytes:
 # ================================================================ subscribers
 
 
+def _frame_header(size: int) -> bytes:
+    """The header of an unmasked, final text frame of ``size`` bytes (RFC 6455 5.2)."""
+    if size < 126:
+        return _SMALL_HEADERS[size]
+    if size < 1 << 16:
+        return struct.pack("!BBH", 0x81, 126, size)
+    return struct.pack("!BBQ", 0x81, 127, size)
+
+
+_SMALL_HEADERS = tuple(bytes((0x81, size)) for size in range(126))
+
+
+def _text_frames(messages: list[bytes]) -> bytes:
+    """One text frame per message, ready for the socket."""
+    parts = []
+    for data in messages:
+        size = len(data)
+        parts.append(_SMALL_HEADERS[size] if size < 126 else _frame_header(size))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _batch_frame(messages: list[bytes]) -> bytes:
+    """One text frame holding the messages as a JSON array, ready for the socket."""
+    payload = b"[" + b",".join(messages) + b"]"
+    return _frame_header(len(payload)) + payload
+
+
+class ViewFeed:
+    """What every subscriber with one View receives: an append-only log of encoded
+    messages, each subscriber reading it through its own cursor.
+
+    A server's frames are unmasked, so the bytes of a frame are the same for every peer:
+    each run of the log is framed once per flush and the same ``bytes`` object is
+    written to every subscriber whose cursor is at its start (websockets' own send path
+    would serialize it again for each connection). Messages only one subscriber gets
+    (replies, snapshots) wait in that subscriber's private queue, tagged with the log
+    position they follow. The log is trimmed below the slowest cursor, and a subscriber
+    whose lag passes its limit is resynchronised (which moves its cursor to the head),
+    so the log stays bounded by the backlog limit."""
+
+    __slots__ = ("base", "check_at", "log", "scheduled", "subs", "total_bytes", "view")
+
+    def __init__(self, view: View) -> None:
+        self.view = view
+        self.log: list[bytes] = []
+        self.base = 0  # position (messages appended so far) of log[0]
+        self.total_bytes = 0  # bytes appended so far
+        self.subs: list[Subscriber] = []
+        # Lowest total_bytes at which some subscriber passes its limit: checking it
+        # after each exchange event costs one comparison per view, not per subscriber.
+        self.check_at = 0
+        self.scheduled = False
+
+    @property
+    def head(self) -> int:
+        return self.base + len(self.log)
+
+    def append(self, data: bytes) -> None:
+        self.log.append(data)
+        self.total_bytes += len(data)
+        if not self.scheduled:
+            self.schedule()
+
+    def schedule(self) -> None:
+        """One flush per loop iteration, however many messages arrived meanwhile."""
+        if not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def join(self, sub: Subscriber) -> None:
+        sub.feed = self
+        sub.cursor, sub.cursor_bytes = self.head, self.total_bytes
+        self.subs.append(sub)
+        self.note(sub)
+
+    def note(self, sub: Subscriber) -> None:
+        """``sub``'s lag or limit changed: keep ``check_at`` conservative."""
+        self.check_at = min(self.check_at, sub.limit_at())
+
+    def over_limit(self) -> list[Subscriber]:
+        total = self.total_bytes
+        return [sub for sub in self.subs if sub.limit_at() < total]
+
+    def chunk(self, start: int, end: int) -> tuple[bytes, int, int]:
+        """The log from ``start`` towards ``end``, up to MAX_BATCH_BYTES of messages,
+        framed: returns (wire bytes, where it stops, message bytes it carries)."""
+        items = self.log[start - self.base:end - self.base]
+        size = sum(map(len, items))
+        if size > MAX_BATCH_BYTES and len(items) > 1:
+            size = count = 0
+            for data in items:
+                if count and size + len(data) > MAX_BATCH_BYTES:
+                    break
+                size += len(data)
+                count += 1
+            items = items[:count]
+        frame = _batch_frame(items) if self.view.batch else _text_frames(items)
+        return frame, start + len(items), size
+
+    def flush(self) -> None:
+        """Write what each writable subscriber has not had yet, then trim the log."""
+        self.scheduled = False
+        head = self.head
+        chunks: dict[tuple[int, int], tuple[bytes, int, int]] = {}
+        for sub in self.subs:
+            if sub.attached and (sub.cursor != head or sub.private):
+                try:
+                    sub.write_pending(head, chunks)
+                except (OSError, RuntimeError) as exc:
+                    # its connection is going away (the handler removes it): not a reason
+                    # to leave the others unwritten
+                    logger.debug("cannot write to %s: %r", sub.name, exc)
+        self._trim()
+        self.refresh_check()
+
+    def _trim(self) -> None:
+        lowest = min((sub.cursor for sub in self.subs), default=self.head)
+        if lowest > self.base:
+            del self.log[:lowest - self.base]
+            self.base = lowest
+
+    def refresh_check(self) -> None:
+        self.check_at = min((sub.limit_at() for sub in self.subs), default=1 << 62)
+
+
 class Subscriber:
-    """One feed connection: its view, its backlog of encoded messages, its writer."""
+    """One feed connection: its view, its place in the view's shared log, the messages
+    meant for it alone, and a task that waits for its socket when that is full."""
 
     def __init__(self, ws: ServerConnection, relay: Relay, max_backlog: int) -> None:
         self.ws = ws
         self.relay = relay
         self.name = "{}:{}".format(*ws.remote_address[:2]) if ws.remote_address else "?"
         self.view = View()
-        self.backlog: deque[bytes] = deque()
-        self.backlog_bytes = 0
+        self.feed: ViewFeed | None = None
+        self.cursor = 0  # the next message of feed.log it gets
+        self.cursor_bytes = 0  # bytes of feed's log before the cursor, since the start
+        self.private: deque[tuple[int, bytes]] = deque()  # (log position it follows, data)
+        self.private_bytes = 0
         self.max_backlog = max_backlog
         self.threshold = max_backlog  # raised by the size of the last fresh start
         self.resyncs = 0
-        self.lagging = False  # over the limit in mid-event; resynced when the event is done
+        self.unread_resyncs = 0  # resyncs in a row with nothing read in between
+        self.unread_since = 0.0  # monotonic time of the first of them
+        self.wrote = False  # anything written to the socket since the last resync
+        self.attached = False  # its writer runs: flushes write to it
         self.closing = False  # closed for being too slow: nothing more is queued
-        self.wakeup = asyncio.Event()
+        self.blocked = asyncio.Event()  # its socket is full: wait for it to drain
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Unsent bytes: its part of the shared log plus its private messages."""
+        shared = self.feed.total_bytes - self.cursor_bytes if self.feed is not None else 0
+        return shared + self.private_bytes
+
+    def limit_at(self) -> int:
+        """The feed's ``total_bytes`` past which this subscriber is over its limit."""
+        return self.cursor_bytes + self.threshold - self.private_bytes
 
     def push(self, data: bytes) -> None:
-        """Queue one encoded message; past the byte limit, resynchronise instead."""
-        if self.lagging or self.closing:
-            return  # lagging: the resync due after this event covers this message
+        """Queue a message for this subscriber alone; past the byte limit, resynchronise
+        first (the message then follows the fresh start)."""
+        if self.closing or self.feed is None:
+            return
         if self.backlog_bytes + len(data) > self.threshold and not self.relay.overflow(self):
             return
-        self.backlog.append(data)
-        self.backlog_bytes += len(data)
-        self.wakeup.set()
+        feed = self.feed
+        self.private.append((feed.head, data))
+        self.private_bytes += len(data)
+        feed.note(self)
+        feed.schedule()
 
     def push_sync(self, messages: list[bytes]) -> None:
         """Queue a fresh start (snapshots) behind whatever is already queued."""
-        if self.closing:
+        if self.closing or self.feed is None:
             return
+        feed = self.feed
         size = sum(map(len, messages))
-        self.backlog.extend(messages)
-        self.backlog_bytes += size
-        self.lagging = False
+        position = feed.head
+        self.private.extend((position, data) for data in messages)
+        self.private_bytes += size
         # a fresh start does not count against the limit: only live traffic piling up does
         self.threshold = self.max_backlog + size
-        self.wakeup.set()
+        feed.note(self)
+        feed.schedule()
         if self.backlog_bytes > self.threshold:
             self.relay.overflow(self)
+
+    def pending(self) -> list[bytes]:
+        """Everything queued for this subscriber and not yet written, in order."""
+        feed = self.feed
+        if feed is None:
+            return [data for _, data in self.private]
+        log, base, cursor = feed.log, feed.base, self.cursor
+        out: list[bytes] = []
+        for position, data in self.private:
+            if position > cursor:
+                out.extend(log[cursor - base:position - base])
+                cursor = position
+            out.append(data)
+        out.extend(log[cursor - base:])
+        return out
+
+    def take_pending(self) -> list[bytes]:
+        """``pending()``, now counted as written (what a writer does, all at once)."""
+        out = self.pending()
+        self._skip_to_head()
+        self.private.clear()
+        self.private_bytes = 0
+        self.wrote = True
+        return out
+
+    def _skip_to_head(self) -> None:
+        if self.feed is not None:
+            self.cursor, self.cursor_bytes = self.feed.head, self.feed.total_bytes
+
+    def move_to(self, feed: ViewFeed) -> None:
+        """Follow another view's feed; what is still queued goes out first."""
+        carried = self.pending()
+        self.leave()
+        feed.join(self)
+        self.private = deque((feed.head, data) for data in carried)
+        self.private_bytes = sum(map(len, carried))
+
+    def leave(self) -> None:
+        feed, self.feed = self.feed, None
+        if feed is not None:
+            feed.subs.remove(self)
 
     def restart(self, messages: list[bytes]) -> bool:
         """Drop the backlog, except replies the client asked for, and queue ``messages``.
         Returns False when those replies alone are over the limit: the peer is not
         reading at all."""
-        kept = [m for m in self.backlog if m.startswith(CONTROL_PREFIXES)]
+        kept = [data for _, data in self.private if data.startswith(CONTROL_PREFIXES)]
         if sum(map(len, kept)) > self.max_backlog:
             return False
-        self.backlog.clear()
-        self.backlog.extend(kept)
-        self.backlog_bytes = sum(map(len, kept))
+        self._skip_to_head()
+        position = self.cursor
+        self.private = deque((position, data) for data in kept)
+        self.private_bytes = sum(map(len, kept))
         self.push_sync(messages)
         return True
 
-    async def run_writer(self) -> None:
-        """Drain the backlog to the socket until the connection closes.
+    def close(self) -> None:
+        """Stop queueing for a subscriber being closed; drop what it has not had."""
+        self.closing = True
+        self.private.clear()
+        self.private_bytes = 0
+        self.leave()
 
-        Frames are queued in the connection's Sans-I/O protocol and go out in one socket
-        write per chunk rather than one per frame: with many subscribers, system calls
-        are what fan-out costs (the exchange's Outbound does the same)."""
-        ws, backlog = self.ws, self.backlog
-        protocol, transport = ws.protocol, ws.transport
-        with contextlib.suppress(ConnectionClosed, OSError):  # the peer is gone: done
-            while True:
-                await self.wakeup.wait()
-                self.wakeup.clear()
-                while backlog:
-                    if self.closing or protocol.state is not State.OPEN \
-                            or transport.is_closing():
-                        return
-                    if self.view.batch:
-                        protocol.send_text(self._take_batch())
-                    else:
-                        self._queue_frames(protocol)
-                    transport.write(b"".join(protocol.data_to_send()))
-                    # Suspends only while this socket's buffer is over its high-water
-                    # mark: exactly when this subscriber's backlog grows, nobody else's.
-                    await ws.drain()
+    def write_pending(self, head: int, chunks: dict[tuple[int, int], tuple[bytes, int, int]]
+                      ) -> None:
+        """Write, chunk after chunk, what this subscriber has not had up to ``head``,
+        until its socket buffer is full. ``chunks`` holds the log runs already framed in
+        this flush, so subscribers at the same place share the same bytes."""
+        ws = self.ws
+        transport = ws.transport
+        if ws.protocol.state is not State.OPEN or transport.is_closing():
+            return  # closing: the handler is about to remove it
+        if ws.paused:
+            self.blocked.set()  # its writer flushes again once the socket drains
+            return
+        feed = self.feed
+        assert feed is not None
+        private = self.private
+        while True:
+            if private and private[0][0] <= self.cursor:
+                data = self._take_private(feed.view.batch)
+            elif self.cursor < head:
+                end = private[0][0] if private else head
+                key = (self.cursor, end)
+                chunk = chunks.get(key)
+                if chunk is None:
+                    chunk = chunks[key] = feed.chunk(self.cursor, end)
+                data, self.cursor, size = chunk
+                self.cursor_bytes += size
+            else:
+                return
+            transport.write(data)
+            self.wrote = True
+            if ws.paused:  # over the socket's high-water mark: its writer waits for it
+                self.blocked.set()
+                return
 
-    def _queue_frames(self, protocol: Protocol) -> None:
-        """One text frame per message, up to MAX_BATCH_BYTES per socket write."""
-        backlog = self.backlog
-        size = 0
-        while backlog and size < MAX_BATCH_BYTES:
-            item = backlog.popleft()
-            protocol.send_text(item)
-            size += len(item)
-        self.backlog_bytes -= size
-
-    def _take_batch(self) -> bytes:
-        backlog = self.backlog
+    def _take_private(self, batch: bool) -> bytes:
+        """The private messages due now, up to MAX_BATCH_BYTES, framed."""
+        private, cursor = self.private, self.cursor
         parts: list[bytes] = []
         size = 0
-        while backlog and (not parts or size + len(backlog[0]) <= MAX_BATCH_BYTES):
-            item = backlog.popleft()
-            parts.append(item)
-            size += len(item)
-        self.backlog_bytes -= size
-        return b"[" + b",".join(parts) + b"]"
+        while private and private[0][0] <= cursor and (
+                not parts or size + len(private[0][1]) <= MAX_BATCH_BYTES):
+            data = private.popleft()[1]
+            parts.append(data)
+            size += len(data)
+        self.private_bytes -= size
+        return _batch_frame(parts) if batch else _text_frames(parts)
+
+    async def run_writer(self) -> None:
+        """Let flushes write to this connection; whenever its socket buffer fills up,
+        wait for it to drain and ask for another flush. Returns never: cancelled by the
+        connection handler."""
+        self.attached = True
+        if self.feed is not None:
+            self.feed.schedule()  # whatever was queued before the writer started
+        with contextlib.suppress(ConnectionClosed, OSError):  # the peer is gone: done
+            while True:
+                await self.blocked.wait()
+                self.blocked.clear()
+                await self.ws.drain()
+                if self.feed is not None:
+                    self.feed.schedule()
 
 
 # ================================================================ the relay
@@ -406,8 +628,10 @@ class Relay:
     """Replicated books plus fan-out. All methods are synchronous and run on the loop's
     thread, so the state is consistent between any two awaits."""
 
-    def __init__(self, max_backlog: int = DEFAULT_MAX_BACKLOG_BYTES) -> None:
+    def __init__(self, max_backlog: int = DEFAULT_MAX_BACKLOG_BYTES,
+                 unread_timeout: float = UNREAD_TIMEOUT_S) -> None:
         self.max_backlog = max_backlog
+        self.unread_timeout = unread_timeout
         self.books: dict[str, BookReplica] = {}
         self.symbols: list[str] | None = None  # known after the first exchange snapshot
         self.seq = 0
@@ -416,14 +640,14 @@ class Relay:
         self.online = False  # what subscribers were last told
         self.last_leaderboard: bytes | None = None
         self.subscribers: dict[Subscriber, None] = {}
-        self._dispatching = False  # inside one exchange event's fan-out
-        self._lagging: list[Subscriber] = []
+        self.feeds: dict[View, ViewFeed] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # closes in progress
         self._snapshot_cache: dict[tuple[str, str, int], bytes] = {}
-        self._book_index: dict[str, dict[int, list[Subscriber]]] = {}
-        self._trade_index: dict[str, list[Subscriber]] = {}
-        self._order_index: dict[str, list[Subscriber]] = {}
-        self._leaderboard_subs: list[Subscriber] = []
+        self._book_index: dict[str, dict[int, list[ViewFeed]]] = {}
+        self._trade_index: dict[str, list[ViewFeed]] = {}
+        self._order_index: dict[str, list[ViewFeed]] = {}
+        self._leaderboard_feeds: list[ViewFeed] = []
+        self._feed_list: tuple[ViewFeed, ...] = ()
         self._handlers = {"book_changed": self._on_book_changed, "trade": self._on_trade,
                           "leaderboard": self._on_leaderboard}
 
@@ -431,12 +655,26 @@ class Relay:
 
     def add(self, sub: Subscriber) -> None:
         self.subscribers[sub] = None
+        self._feed(sub.view).join(sub)
         self._rebuild_index()
         sub.push_sync([self._status_message(), *self._sync_messages(sub.view)])
 
     def remove(self, sub: Subscriber) -> None:
         self.subscribers.pop(sub, None)
-        self._rebuild_index()
+        self._leave(sub)
+
+    def _feed(self, view: View) -> ViewFeed:
+        feed = self.feeds.get(view)
+        if feed is None:
+            feed = self.feeds[view] = ViewFeed(view)
+        return feed
+
+    def _leave(self, sub: Subscriber) -> None:
+        feed = sub.feed
+        sub.leave()
+        if feed is not None and not feed.subs:
+            del self.feeds[feed.view]
+            self._rebuild_index()
 
     def on_client_message(self, sub: Subscriber, raw: str | bytes) -> None:
         """Handle one frame from a subscriber; anything wrong gets an ``error``."""
@@ -468,70 +706,88 @@ class Relay:
                                 "accepts only subscribe and ping")
 
     def _subscribe(self, sub: Subscriber, view: View) -> None:
+        if sub.closing:
+            return
+        old = sub.feed
         sub.view = view
-        self._rebuild_index()
-        # What is queued still goes out (it belongs to the old view, before the ack);
-        # the new view starts from its own snapshots.
+        if old is None or old.view != view:
+            # What is queued still goes out (it belongs to the old view, before the ack);
+            # the new view starts from its own snapshots.
+            sub.move_to(self._feed(view))
+            if old is not None and not old.subs:
+                del self.feeds[old.view]
+            self._rebuild_index()
         ack = orjson.dumps(view.to_message(self.symbols or ()))
         sub.push_sync([ack, *self._sync_messages(view)])
         logger.info("%s subscribed: %s", sub.name, view)
 
     def overflow(self, sub: Subscriber) -> bool:
-        """``sub`` is too far behind. Returns whether the message being pushed should
-        still be queued (after a resync done now) or dropped (a resync is deferred)."""
-        if self._dispatching:
-            # Mid-event, a snapshot now would already contain the event's effect while
-            # its remaining messages were still to come: resync once the event is done.
-            sub.lagging = True
-            self._lagging.append(sub)
-            return False
+        """``sub`` is too far behind: resync it now. Returns whether it is still open
+        (a message being queued for it then follows the fresh start)."""
         self._resync_slow(sub)
         return not sub.closing
 
+    def _check_backlogs(self) -> None:
+        """Resync whoever passed its limit. Called between exchange events, never in the
+        middle of one: a snapshot then contains exactly the events before it."""
+        for feed in self._feed_list:
+            if feed.total_bytes > feed.check_at:
+                for sub in feed.over_limit():
+                    if sub.feed is feed:
+                        self._resync_slow(sub)
+                feed.refresh_check()
+
     def _resync_slow(self, sub: Subscriber) -> None:
+        now = time.monotonic()
+        if sub.wrote or not sub.unread_resyncs:  # it read something since the last one
+            sub.unread_resyncs, sub.unread_since = 0, now
+        if sub.unread_resyncs >= MAX_UNREAD_RESYNCS \
+                and now - sub.unread_since >= self.unread_timeout:
+            self._close_slow(sub, TOO_SLOW, f"resynchronised {sub.unread_resyncs} times in "
+                             f"{now - sub.unread_since:.1f} s without reading any of it")
+            return
+        sub.unread_resyncs += 1
+        sub.wrote = False
         sub.resyncs += 1
         logger.warning("subscriber %s fell %d bytes behind: dropping its backlog and "
                        "resynchronising with fresh snapshots (resync #%d)",
                        sub.name, sub.backlog_bytes, sub.resyncs)
         if not sub.restart([self._status_message(), *self._sync_messages(sub.view)]):
-            self._close_slow(sub)
+            self._close_slow(sub, TOO_SLOW, f"its unread replies alone pass "
+                                            f"{sub.max_backlog} bytes")
 
-    def _close_slow(self, sub: Subscriber) -> None:
-        logger.warning("closing subscriber %s: %s (its unread replies alone pass %d bytes)",
-                       sub.name, TOO_SLOW[1], sub.max_backlog)
-        sub.closing = True
-        sub.backlog.clear()
-        task = asyncio.get_running_loop().create_task(sub.ws.close(*TOO_SLOW))
+    def _close_slow(self, sub: Subscriber, close: tuple[int, str], why: str) -> None:
+        logger.warning("closing subscriber %s: %s (%s)", sub.name, close[1], why)
+        feed = sub.feed
+        sub.close()
+        if feed is not None and not feed.subs:
+            del self.feeds[feed.view]
+            self._rebuild_index()
+        task = asyncio.get_running_loop().create_task(sub.ws.close(*close))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _resync_lagging(self) -> None:
-        lagging, self._lagging = self._lagging, []
-        for sub in lagging:
-            if sub in self.subscribers:
-                self._resync_slow(sub)
-
     def _rebuild_index(self) -> None:
-        """Who gets what, precomputed so the per-event fan-out is a list walk."""
-        books: dict[str, dict[int, list[Subscriber]]] = {}
-        trades: dict[str, list[Subscriber]] = {}
-        orders: dict[str, list[Subscriber]] = {}
-        leaderboard: list[Subscriber] = []
-        for sub in self.subscribers:
-            view = sub.view
+        """Which views get what, precomputed so the per-event fan-out is a list walk."""
+        books: dict[str, dict[int, list[ViewFeed]]] = {}
+        trades: dict[str, list[ViewFeed]] = {}
+        orders: dict[str, list[ViewFeed]] = {}
+        leaderboard: list[ViewFeed] = []
+        for view, feed in self.feeds.items():
             for symbol in self.books:
                 if not view.wants(symbol):
                     continue
                 if "book" in view.channels:
-                    books.setdefault(symbol, {}).setdefault(view.depth, []).append(sub)
+                    books.setdefault(symbol, {}).setdefault(view.depth, []).append(feed)
                 if "trades" in view.channels:
-                    trades.setdefault(symbol, []).append(sub)
+                    trades.setdefault(symbol, []).append(feed)
                 if "orders" in view.channels:
-                    orders.setdefault(symbol, []).append(sub)
+                    orders.setdefault(symbol, []).append(feed)
             if "leaderboard" in view.channels:
-                leaderboard.append(sub)
+                leaderboard.append(feed)
         self._book_index, self._trade_index, self._order_index = books, trades, orders
-        self._leaderboard_subs = leaderboard
+        self._leaderboard_feeds = leaderboard
+        self._feed_list = tuple(self.feeds.values())
 
     # ------------------------------------------------------------ snapshots
 
@@ -609,13 +865,8 @@ class Relay:
         handler = self._handlers.get(msg["type"])
         if handler is None:
             return
-        self._dispatching = True
-        try:
-            handler(msg, seq)
-        finally:
-            self._dispatching = False
-            if self._lagging:
-                self._resync_lagging()
+        handler(msg, seq)
+        self._check_backlogs()
 
     def _on_book_changed(self, msg: dict[str, Any], seq: int) -> None:
         symbol = msg["symbol"]
@@ -623,24 +874,24 @@ class Relay:
         if book is None:
             raise BadStream(f"book_changed for symbol {symbol!r} not in the snapshot")
         change = book.apply(msg)
-        order_subs = self._order_index.get(symbol)
-        if order_subs:
+        order_feeds = self._order_index.get(symbol)
+        if order_feeds:
             data = orjson.dumps({"type": "order_event", "symbol": symbol, "seq": seq,
                                  "event": msg["action"], "order_id": msg["order_id"],
                                  "side": msg["side"], "price": msg["price"],
                                  "qty": msg["order_qty"]})
-            for sub in order_subs:
-                sub.push(data)
+            for feed in order_feeds:
+                feed.append(data)
         by_depth = self._book_index.get(symbol)
         if change is not None and by_depth:
             self._publish_book_update(symbol, seq, change, by_depth)
 
     @staticmethod
     def _publish_book_update(symbol: str, seq: int, change: LevelChange,
-                             by_depth: dict[int, list[Subscriber]]) -> None:
+                             by_depth: dict[int, list[ViewFeed]]) -> None:
         """One ``book_update`` per subscribed depth that sees the change, encoded once."""
         side = change.side
-        for depth, subs in by_depth.items():
+        for depth, feeds in by_depth.items():
             levels = side.visible_change(change.what, change.rank, change.price, change.qty,
                                          depth)
             if not levels:
@@ -648,25 +899,25 @@ class Relay:
             data = orjson.dumps({"type": "book_update", "symbol": symbol, "seq": seq,
                                  "bids": levels if side.is_bid else [],
                                  "asks": [] if side.is_bid else levels})
-            for sub in subs:
-                sub.push(data)
+            for feed in feeds:
+                feed.append(data)
 
     def _on_trade(self, msg: dict[str, Any], seq: int) -> None:
-        subs = self._trade_index.get(msg["symbol"])
-        if not subs:
+        feeds = self._trade_index.get(msg["symbol"])
+        if not feeds:
             return
         data = orjson.dumps({
             "type": "trade", "symbol": msg["symbol"], "seq": seq, "trade_id": msg["trade_id"],
             "price": msg["price"], "qty": msg["qty"], "aggressor": msg["aggressor"],
             "buy_trader": msg["buy_trader"], "sell_trader": msg["sell_trader"], "ts": msg["ts"]})
-        for sub in subs:
-            sub.push(data)
+        for feed in feeds:
+            feed.append(data)
 
     def _on_leaderboard(self, msg: dict[str, Any], seq: int) -> None:
         data = self.last_leaderboard = orjson.dumps(
             {"type": "leaderboard", "seq": seq, "ts": msg["ts"], "rows": msg["rows"]})
-        for sub in self._leaderboard_subs:
-            sub.push(data)
+        for feed in self._leaderboard_feeds:
+            feed.append(data)
 
     def set_online(self) -> None:
         if not self.online:
@@ -682,8 +933,9 @@ class Relay:
 
     def _broadcast_status(self) -> None:
         data = self._status_message()
-        for sub in self.subscribers:
-            sub.push(data)
+        for feed in self._feed_list:
+            feed.append(data)
+        self._check_backlogs()
 
 
 # ================================================================ processes
@@ -774,7 +1026,7 @@ def _bound_uri(server: Server) -> str:
 
 
 async def run(args: argparse.Namespace) -> None:
-    relay = Relay(args.max_backlog_bytes)
+    relay = Relay(args.max_backlog_bytes, args.stall_timeout)
     stop = asyncio.Event()
     stop_on_signals(stop)
     handler = _make_handler(relay, args.sndbuf_bytes)
@@ -803,6 +1055,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-backlog-bytes", type=int, default=DEFAULT_MAX_BACKLOG_BYTES,
                         help="unsent bytes a subscriber may fall behind before its backlog "
                              "is dropped and it is resynchronised (default %(default)s)")
+    parser.add_argument("--stall-timeout", type=float, default=UNREAD_TIMEOUT_S,
+                        metavar="SECONDS",
+                        help=f"a subscriber resynchronised {MAX_UNREAD_RESYNCS} times in a row "
+                             "without reading any of it, over at least this long, is closed "
+                             "(1008 too slow) at the next resync (default %(default)s)")
     parser.add_argument("--sndbuf-bytes", type=int, default=DEFAULT_SNDBUF_BYTES,
                         help="kernel send buffer per subscriber socket; 0 leaves it to the "
                              "OS (default %(default)s)")

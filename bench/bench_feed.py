@@ -26,6 +26,12 @@ subscriber) running and measures adjacent windows without and with a subscriber 
 subscribed and never reads again (its receive buffer pinned small, so it stalls within
 seconds); each stalled window starts once the relay has logged its first resync of it.
 
+The relay's CPU time over each window is read from /proc (Linux): its share of a core,
+and the delivery rate that cost per message would give at a whole core, say what the
+relay itself could do when the exchange or a busy machine limits the input.
+``--relay-script`` measures another copy of the relay (e.g. the previous version, kept
+in /tmp) under the same conditions.
+
 Targets (printed PASS/MISS, never asserted): unbatched delivery at least 0.75x the push
 ceiling at the same number of subscribers; with ``batch: true`` at least 1,000,000
 messages/s delivered to 100 subscribers; the exchange's acked orders/s with one stalled
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import platform
 import sys
 import tempfile
@@ -124,6 +131,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "where its time goes (needs py-spy: pip install py-spy)")
     parser.add_argument("--profile-dir", type=Path, default=Path(tempfile.gettempdir()),
                         help="where the raw py-spy profiles are kept")
+    parser.add_argument("--relay-script", type=Path, default=Path("market_data_server.py"),
+                        help="the relay to measure (relative to the repository); another "
+                             "path compares an earlier copy of it in the same conditions")
     parser.add_argument("--quick", action="store_true",
                         help="smoke mode: everything once, briefly (under 30 s)")
     args = parser.parse_args(argv)
@@ -139,10 +149,25 @@ class FanoutRun:
     sub: dict[str, Any]
     load: dict[str, Any] | None = None
     input_rate: float = 0.0  # offered order-entry messages/s
+    relay_cpu_s: float | None = None  # CPU time the relay process used in the window
 
     @property
     def msgs_per_s(self) -> float:
         return self.sub["messages"] / self.sub["elapsed"]
+
+    @property
+    def relay_cpu_share(self) -> float | None:
+        """The relay's CPU over the window, as a share of one core."""
+        if self.relay_cpu_s is None:
+            return None
+        return self.relay_cpu_s / self.sub["elapsed"]
+
+    @property
+    def full_core_estimate(self) -> float | None:
+        """Messages/s the relay would deliver at this cost per message with a whole core
+        to itself: what it could do when the exchange, not the relay, is the limit."""
+        share = self.relay_cpu_share
+        return self.msgs_per_s / share if share else None
 
     @property
     def frames_per_s(self) -> float:
@@ -197,6 +222,7 @@ class Bench:
         self.args = args
         self.progress = Progress()
         self.runs = 0
+        self.relay_pid = 0  # for its CPU time, once started
 
     async def subscribers(self, uri: str, count: int, *, batch: bool = False,
                           stall: bool = False) -> Worker:
@@ -234,6 +260,7 @@ class Bench:
         try:
             load = await self.load(gateway_uri, LOAD_CONNS, rate)
             await asyncio.sleep(self.args.warmup)
+            cpu_before = process_cpu_s(self.relay_pid)
             if profile_pid and profile_out is not None:
                 (sub_result, load_result), recorded = await asyncio.gather(
                     measure_all([subs, load], window),
@@ -241,12 +268,14 @@ class Bench:
                 sub_result["profiled"] = recorded
             else:
                 sub_result, load_result = await measure_all([subs, load], window)
+            cpu_after = process_cpu_s(self.relay_pid)
         finally:
             if load is not None:
                 await load.stop()
             await subs.stop()
+        cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
         return FanoutRun(count, "relay batch" if batch else "relay", sub_result, load_result,
-                         rate)
+                         rate, cpu)
 
     async def stall_test(self, gateway_uri: str, feed_uri: str, relay: ServerProcess,
                          results: Results) -> None:
@@ -299,6 +328,18 @@ class Bench:
         return result
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """User plus system CPU seconds a process has used (Linux /proc; None elsewhere).
+    On a shared machine this, unlike a rate, hardly depends on what else runs."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # after the command name: state is field 3, utime and stime fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def input_rate(args: argparse.Namespace, results: Results, count: int, batch: bool,
                push_frames: float) -> float:
     """Order-entry messages/s that give the relay its target's worth of events plus
@@ -317,6 +358,9 @@ def describe(run: FanoutRun) -> str:
         text += (f", input {fmt_int(run.answered_per_s)}/s of {fmt_int(run.input_rate)} "
                  f"offered, {run.resyncs} resyncs, lag "
                  f"{'n/a' if lag is None else fmt_us(lag * 1000)}")
+    share = run.relay_cpu_share
+    if share is not None:
+        text += f", relay CPU {share:.0%}"
     return text
 
 
@@ -342,9 +386,10 @@ async def run(args: argparse.Namespace) -> int:
                 *([] if args.journal else ["--no-journal"]))
             servers.append(exchange)
             relay = await start_server(
-                "market_data_server.py", "--port", "0", "--exchange-uri",
+                str(args.relay_script), "--port", "0", "--exchange-uri",
                 exchange.uris["events"], "--log-level", "WARNING")
             servers.append(relay)
+            bench.relay_pid = relay.proc.pid
             push_uri, gateway_uri = push.uris["push"], exchange.uris["gateway"]
             feed_uri = relay.uris["feed"]
             progress(f"servers up: push pid {push.proc.pid}, exchange pid "
@@ -406,6 +451,14 @@ async def profile_relay(bench: Bench, args: argparse.Namespace, results: Results
             results.profiles[label] = (out, run_)
 
 
+def _fmt_share(share: float | None) -> str:
+    return "-" if share is None else f"{share:.0%}"
+
+
+def _fmt_rate(rate: float | None) -> str:
+    return "-" if rate is None else fmt_int(rate)
+
+
 def _fanout_verdict(run: FanoutRun, push_run: FanoutRun, per_order: float) -> str:
     if run.feed == "relay batch":
         if run.subscribers != 100:
@@ -437,15 +490,20 @@ def report(args: argparse.Namespace, results: Results) -> int:
                                              f"{fmt_int(run.input_rate)}",
                 "-" if run.load is None else str(run.resyncs),
                 "-" if lag is None else fmt_us(lag * 1000),
+                _fmt_share(run.relay_cpu_share), _fmt_rate(run.full_core_estimate),
                 "-" if feed == "push" else _fanout_verdict(run, push_run,
                                                            results.calibration)])
     print_table(["subs", "feed", "msgs/s", "per sub/s", "frames/s", "vs push",
-                 "orders/s in/offered", "resyncs", "lag", "target"], rows, "><>>>>>>><")
+                 "orders/s in/offered", "resyncs", "lag", "relay CPU", "at 1 core",
+                 "target"], rows, "><>>>>>>>>><")
     print(f"(orders/s: order-entry messages/s the exchange answered / offered, "
           f"{results.calibration:.2f} feed messages each; 'resyncs': book snapshots sent "
           "to lagging subscribers; 'lag': how far the subscribers trailed the exchange as "
           "the window closed; a relay with no resync and little lag delivered all it was "
-          "given and could have done more: below target that is 'input-bound')")
+          "given and could have done more: below target that is 'input-bound'; 'relay "
+          "CPU': the relay process's CPU time over the window, as a share of one core; "
+          "'at 1 core': msgs/s at that cost per message if the relay had a whole core, an "
+          "estimate of its own ceiling when the exchange is the limit)")
 
     none = [pair[0] for pair in results.stall]
     stalled = [pair[1] for pair in results.stall]
@@ -481,7 +539,9 @@ def report(args: argparse.Namespace, results: Results) -> int:
     if batch_100 is not None:
         print(f"  batch, 100 subscribers >= {fmt_int(TARGET_BATCH_MSGS)} msgs/s: "
               f"{fmt_int(batch_100.msgs_per_s)}  "
-              f"{_fanout_verdict(batch_100, results.get(100, 'push'), results.calibration)}")
+              f"{_fanout_verdict(batch_100, results.get(100, 'push'), results.calibration)}"
+              f"  (relay CPU {_fmt_share(batch_100.relay_cpu_share)}, about "
+              f"{_fmt_rate(batch_100.full_core_estimate)} msgs/s at a whole core)")
     print(f"  exchange with a stalled subscriber within {TARGET_STALL_DROP:.0%}: "
           f"{change:+.1%} ({fmt_int(stalled_rate)} vs {fmt_int(none_rate)} acked orders/s)  "
           f"{verdict(change >= -TARGET_STALL_DROP)}")

@@ -12,7 +12,9 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from tests.stack import ROOT, Client, ServerProcess, connected, running_relay, stop_process
 from tests.test_market_data_fake import (
@@ -236,6 +238,36 @@ async def test_slow_subscriber_is_resynchronised_while_a_fast_one_gets_everythin
                 l3 = fake.l3(symbol)
                 assert fast_orders.view(symbol) == l3 and slow_orders.view(symbol) == l3
         assert "resynchronising with fresh snapshots" in relay.stderr_text
+
+
+async def test_a_subscriber_that_never_reads_is_closed_with_a_reason() -> None:
+    """Resynchronising a peer that reads nothing only repeats itself: after three resyncs
+    in a row (``--stall-timeout 0``: however quickly) it is closed with 1008 and a
+    reason, while a subscriber that reads keeps everything."""
+    async with stack("--max-backlog-bytes", "16384", "--sndbuf-bytes", "16384",
+                     "--stall-timeout", "0") as (fake, relay, feed):
+        rng = random.Random(10)
+        async with await slow_client(feed) as slow_ws, connected(feed) as fast:
+            slow = Client(slow_ws)
+            await subscribe(slow, channels=ALL_CHANNELS, depth=20)
+            await subscribe(fast, channels=ALL_CHANNELS, depth=20)
+            fast_reader = asyncio.create_task(collect_until(
+                fast, lambda m: m.get("type") == "leaderboard", timeout=60))
+            for _ in range(40):  # until the relay gives up on the slow one
+                await fake.random_flow(rng, 250)
+                if "closing subscriber" in relay.stderr_text:
+                    break
+            marker = await fake.leaderboard()
+            fast_msgs = await fast_reader
+            assert is_leaderboard(marker)(fast_msgs[-1])
+            assert len([m for m in fast_msgs if m["type"] == "book_snapshot"]) == 2
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:  # what was sent before the close, then the close itself
+                    await slow.recv(timeout=10)
+            assert closed.value.rcvd is not None
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (
+                1008, "too slow: not reading the feed")
+        assert "resynchronised 3 times" in relay.stderr_text
 
 
 async def test_exchange_loss_sends_offline_then_resyncs_when_it_returns() -> None:
