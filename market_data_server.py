@@ -34,6 +34,7 @@ import socket
 import struct
 import sys
 import time
+import urllib.parse
 from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Iterable
@@ -941,14 +942,29 @@ class Relay:
 # ================================================================ processes
 
 
+def batched_uri(uri: str) -> str:
+    """Ask the exchange for one frame per input (``?batch=1``), unless the URI says."""
+    parts = urllib.parse.urlsplit(uri)
+    if "batch" in urllib.parse.parse_qs(parts.query):
+        return uri
+    query = f"{parts.query}&batch=1" if parts.query else "batch=1"
+    return urllib.parse.urlunsplit(parts._replace(path=parts.path or "/", query=query))
+
+
 async def _follow_once(relay: Relay, uri: str) -> None:
-    async with connect(uri, compression=None, max_size=None, max_queue=1024,
+    async with connect(batched_uri(uri), compression=None, max_size=None, max_queue=1024,
                        open_timeout=OPEN_TIMEOUT_S) as ws:
         logger.info("connected to the exchange event stream at %s", uri)
+        on_event = relay.on_event
         try:
             relay.on_snapshot(orjson.loads(await ws.recv()))
             async for raw in ws:
-                relay.on_event(orjson.loads(raw))
+                message = orjson.loads(raw)
+                if type(message) is list:  # one input's events (batched stream)
+                    for event in message:
+                        on_event(event)
+                else:
+                    on_event(message)
         except BadStream:
             raise
         except (KeyError, TypeError, ValueError) as exc:

@@ -125,6 +125,31 @@ async def test_snapshot_then_gapless_events_and_a_late_consumer_converges(
         assert isinstance(trade["buy_fee"], int)  # integer money units on this stream
 
 
+async def test_a_batched_consumer_gets_each_inputs_events_in_one_frame(
+        tmp_path: Path) -> None:
+    async with running_exchange(tmp_path) as ex, \
+            connected(ex.uris["events"]) as plain, \
+            connected(ex.uris["events"] + "/?batch=1") as batched, \
+            logged_in(ex.uris["gateway"], "alice") as alice, \
+            logged_in(ex.uris["gateway"], "bob") as bob:
+        plain_replica, batched_replica = Replica(await plain.recv()), Replica(await batched.recv())
+        await trade_some(alice, bob, "x-")
+        async with connected(ex.uris["events"]) as final:
+            end = await final.recv()
+        events = await follow(plain, plain_replica, end["seq"])
+        frames, batched_events = [], []
+        while batched_replica.seq < end["seq"]:
+            frame = await batched.recv()
+            assert isinstance(frame, list) and frame, frame  # one input's events
+            for event in frame:
+                batched_replica.apply(event)
+            frames.append(frame)
+            batched_events.extend(frame)
+        assert batched_events == events  # the same events, in the same order
+        assert len(frames) < len(events)  # fewer frames: an input's events share one
+        assert batched_replica.state() == snapshot_state(end)
+
+
 async def test_leaderboard_is_a_sequenced_event(tmp_path: Path) -> None:
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"server": {"leaderboard_interval_s": 0.1}}))

@@ -21,6 +21,7 @@ from market_data_server import (
     SideBook,
     Subscriber,
     View,
+    batched_uri,
     parse_subscribe,
 )
 from models import ProtocolError, Side
@@ -421,3 +422,12 @@ async def test_a_stalled_peer_is_kept_until_the_stall_timeout() -> None:
     await fake.random_flow(random.Random(32), 600)
     assert sub.resyncs > MAX_UNREAD_RESYNCS and ws.closed_with is None
     assert sub.backlog_bytes <= sub.threshold  # resynced, so still bounded
+
+
+@pytest.mark.parametrize(("uri", "expected"), [
+    ("ws://127.0.0.1:9002", "ws://127.0.0.1:9002/?batch=1"),
+    ("ws://h:1/stream?x=2", "ws://h:1/stream?x=2&batch=1"),
+    ("ws://h:1/?batch=0", "ws://h:1/?batch=0"),  # the user's choice stands
+])
+def test_batched_uri_asks_for_the_batched_stream_unless_told(uri: str, expected: str) -> None:
+    assert batched_uri(uri) == expected
