@@ -57,11 +57,11 @@ _BUY, _SELL = 0, 1  # indexes into TraderState.exposure lists
 _BUY_SIDE = Side.BUY
 # Enum members as module constants: on the hot path a global read is several times
 # cheaper than the class attribute lookup an enum member costs.
-_MARKET, _STOP, _LIMIT = OrderType.MARKET, OrderType.STOP, OrderType.LIMIT
-_MARKET_LIKE = (_MARKET, _STOP)
+_LIMIT, _STOP_LIMIT = OrderType.LIMIT, OrderType.STOP_LIMIT
 _GTC, _FOK = TimeInForce.GTC, TimeInForce.FOK
 _OK, _LIQUIDATING = TraderStatus.OK, TraderStatus.LIQUIDATING
 _ADD, _CANCEL, _EXECUTE = BookAction.ADD, BookAction.CANCEL, BookAction.EXECUTE
+_USER = CancelReason.USER
 
 
 class StopBook:
@@ -264,22 +264,32 @@ class Engine:
     # ================================================================= new orders
 
     def _new_order(self, cmd: NewOrder) -> None:
-        trader = self.trader(cmd.trader_id)
+        trader = self.traders.get(cmd.trader_id) or self.trader(cmd.trader_id)
         reject = self._check_new_order(cmd, trader)
         if reject is not None:
             self._events.append(OrderRejected(self._ts, cmd.trader_id, cmd.client_order_id,
                                               reject[0], reject[1]))
             return
-        order = Order(self.next_order_id, cmd.trader_id, cmd.client_order_id, cmd.symbol,
-                      cmd.side, cmd.order_type, cmd.price, cmd.qty, cmd.tif, cmd.post_only,
-                      cmd.stp, cmd.stop_price, self._ts)
-        self.next_order_id += 1
+        order_id = self.next_order_id
+        self.next_order_id = order_id + 1
+        symbol, price = cmd.symbol, cmd.price
+        order = Order(order_id, cmd.trader_id, cmd.client_order_id, symbol, cmd.side,
+                      cmd.order_type, price, cmd.qty, cmd.tif, cmd.post_only, cmd.stp,
+                      cmd.stop_price, self._ts)
         self._accept(order, trader)
         if cmd.stop_price is not None:
             # waits for a trade printed after it arrived, even if the last one was through
-            self.stop_books[cmd.symbol].add(order)
-        else:
-            self._execute(order, self.books[cmd.symbol])
+            self.stop_books[symbol].add(order)
+            return
+        book = self.books[symbol]
+        if cmd.order_type is _LIMIT and cmd.tif is _GTC:
+            # the common case, a passive order, goes straight into the book
+            level_qty = book.add_passive(order)
+            if level_qty is not None:
+                self._events.append(BookChanged(symbol, _ADD, order_id, cmd.side, price,  # type: ignore[arg-type]
+                                                cmd.qty, level_qty))
+                return
+        self._execute(order, book)
 
     def _check_new_order(self, cmd: NewOrder, trader: TraderState) -> Reject | None:
         symbol = cmd.symbol
@@ -294,17 +304,23 @@ class Engine:
             return (RejectCode.DUPLICATE_CLIENT_ORDER_ID,
                     f"client_order_id {cmd.client_order_id!r} is already live")
         is_buy = cmd.side is _BUY_SIDE
+        # one account lookup serves the position limit and the margin check
+        account = self.ledger.accounts.get(trader.trader_id)
+        position = account.positions.get(symbol) if account is not None else None
         last = self.last_prices[symbol]
         reject = self.risk.check_new_order(
-            trader, self._ts, symbol, is_buy, cmd.qty, self._position(trader.trader_id, symbol),
+            trader, self._ts, symbol, is_buy, cmd.qty, position.qty if position else 0,
             cmd.price if cmd.order_type is _LIMIT else None,
             self.reference_prices[symbol] if last is None else last, self.band_bps[symbol])
         if reject is not None:
             return reject
-        reject = self.margin.check_order(trader, symbol, is_buy, cmd.qty, self.marks()) \
-            if self.margin.enabled else None
-        if reject is not None:
-            return reject
+        margin = self.margin
+        if margin.enabled:
+            reject = margin.check_order(trader, symbol, is_buy, cmd.qty,
+                                        self.last_prices if self._all_traded else self.marks(),
+                                        account)
+            if reject is not None:
+                return reject
         if cmd.post_only and book.would_cross(is_buy, cmd.price):
             return (RejectCode.POST_ONLY_WOULD_CROSS,
                     f"post-only {cmd.side.value} at {cmd.price} would trade on arrival")
@@ -320,24 +336,27 @@ class Engine:
     def _accept(self, order: Order, trader: TraderState) -> None:
         self.orders[order.order_id] = order
         trader.live_orders[order.client_order_id] = order
-        exposure = trader.exposure.get(order.symbol) or trader.open_qty(order.symbol)
+        symbol = order.symbol
+        exposure = trader.exposure.get(symbol) or trader.open_qty(symbol)
         exposure[_BUY if order.is_buy else _SELL] += order.qty
         self._events.append(OrderAccepted(
-            self._ts, order.order_id, order.trader_id, order.client_order_id, order.symbol,
+            self._ts, order.order_id, order.trader_id, order.client_order_id, symbol,
             order.side, order.order_type, order.price, order.stop_price, order.qty, order.tif,
             order.post_only, order.liquidation))
 
     def _execute(self, order: Order, book: OrderBook) -> None:
         """Match an incoming (or re-entering) order, then rest or cancel what is left."""
         is_buy = order.is_buy
-        if order.order_type in _MARKET_LIKE:
+        is_limit = order.order_type is _LIMIT or order.order_type is _STOP_LIMIT
+        if is_limit:
+            limit = order.price
+        else:
             # market orders trade no further than the band's edge: a thin book cannot
             # fill them at any price, and margin checks have a worst case to count on
             symbol = order.symbol
             limit = band_limit(is_buy, self.reference_price(symbol), self.band_bps[symbol])
-        else:
-            limit = order.price
-        if order.tif is _FOK and \
+        tif = order.tif
+        if tif is _FOK and \
                 book.fillable_qty(order, limit, order.leaves_qty) < order.leaves_qty:
             self._cancel_unrested(order, CancelReason.FOK)
             return
@@ -346,11 +365,9 @@ class Engine:
             self._forget(order)
         elif stopped:
             self._cancel_unrested(order, CancelReason.SELF_TRADE)
-        elif order.tif is _GTC and order.order_type not in _MARKET_LIKE:
-            level_qty = book.add(order)
-            self._events.append(BookChanged(order.symbol, _ADD, order.order_id,
-                                            order.side, order.price, order.leaves_qty,  # type: ignore[arg-type]
-                                            level_qty))
+        elif tif is _GTC and is_limit:
+            self._events.append(BookChanged(order.symbol, _ADD, order.order_id, order.side,
+                                            order.price, order.leaves_qty, book.add(order)))  # type: ignore[arg-type]
         else:
             self._cancel_unrested(order, CancelReason.IOC)
 
@@ -375,22 +392,16 @@ class Engine:
                             seller.leaves_qty, buy_fee, sell_fee, taker.liquidation))
         events.append(BookChanged(symbol, _EXECUTE, maker.order_id, maker.side,
                                   price, maker.leaves_qty, level_qty))
-        dirty = self._margin_dirty
-        for order, fee in ((buyer, buy_fee), (seller, sell_fee)):
-            trader_id = order.trader_id
-            dirty[trader_id] = None
-            position = self.ledger.apply_fill(trader_id, symbol, order.is_buy, price, qty, fee)
-            self.traders[trader_id].exposure[symbol][_BUY if order.is_buy else _SELL] -= qty
-            events.append(PositionChanged(ts, trader_id, symbol, position.qty,
-                                          position.open_cost,
-                                          self.ledger.accounts[trader_id].cash,
-                                          position.realized, position.fees))
+        self._book_fill(buyer, True, price, qty, buy_fee)
+        self._book_fill(seller, False, price, qty, sell_fee)
         if not maker.leaves_qty:
-            self._forget(maker)
-        if self.last_prices[symbol] is None:
-            self.last_prices[symbol] = price
-            self._all_traded = None not in self.last_prices.values()
-        self.last_prices[symbol] = price
+            del self.orders[maker.order_id]
+            del self.traders[maker.trader_id].live_orders[maker.client_order_id]
+        last_prices = self.last_prices
+        if last_prices[symbol] is None:
+            last_prices[symbol] = price
+            self._all_traded = None not in last_prices.values()
+        last_prices[symbol] = price
         printed = self._moved.get(symbol)
         if printed is None:
             self._moved[symbol] = [price, price]
@@ -398,6 +409,20 @@ class Engine:
             printed[0] = price
         elif price > printed[1]:
             printed[1] = price
+
+    def _book_fill(self, order: Order, is_buy: bool, price: int, qty: int, fee: int) -> None:
+        """One side of a fill: the ledger, the trader's open quantity, the position report,
+        and a margin re-check due for the trader."""
+        trader_id = order.trader_id
+        symbol = order.symbol
+        self._margin_dirty[trader_id] = None
+        ledger = self.ledger
+        account = ledger.accounts.get(trader_id) or ledger.account(trader_id)
+        position = ledger.book_fill(account, symbol, is_buy, price, qty, fee)
+        self.traders[trader_id].exposure[symbol][_BUY if is_buy else _SELL] -= qty
+        self._events.append(PositionChanged(self._ts, trader_id, symbol, position.qty,
+                                            position.open_cost, account.cash,
+                                            position.realized, position.fees))
 
     def on_self_trade_cancel(self, maker: Order, canceled_qty: int, level_qty: int) -> None:
         self._report_cancel(maker, canceled_qty, CancelReason.SELF_TRADE, level_qty)
@@ -445,7 +470,7 @@ class Engine:
                                                cmd.client_order_id, RejectCode.UNKNOWN_ORDER,
                                                "no such live order for this trader"))
             return
-        self._cancel_live(order, CancelReason.USER)
+        self._cancel_live(order, _USER)
 
     def _cancel_all(self, cmd: CancelAll) -> None:
         if cmd.symbol is not None and cmd.symbol not in self.books:
@@ -467,15 +492,17 @@ class Engine:
     def _report_cancel(self, order: Order, canceled_qty: int, reason: CancelReason,
                        level_qty: int, counted: bool = False) -> None:
         """Events and bookkeeping for a resting order the book has already taken out."""
+        trader = self.traders[order.trader_id]
         if not counted:
-            trader = self.traders[order.trader_id]
             trader.exposure[order.symbol][_BUY if order.is_buy else _SELL] -= canceled_qty
-        self._events.append(OrderCanceled(self._ts, order.order_id, order.trader_id,
-                                          order.client_order_id, order.symbol, order.side,
+        order_id, symbol, side = order.order_id, order.symbol, order.side
+        self._events.append(OrderCanceled(self._ts, order_id, order.trader_id,
+                                          order.client_order_id, symbol, side,
                                           canceled_qty, reason))
-        self._events.append(BookChanged(order.symbol, _CANCEL, order.order_id,
-                                        order.side, order.price, 0, level_qty))  # type: ignore[arg-type]
-        self._forget(order)
+        self._events.append(BookChanged(symbol, _CANCEL, order_id, side, order.price, 0,  # type: ignore[arg-type]
+                                        level_qty))
+        del self.orders[order_id]
+        del trader.live_orders[order.client_order_id]
 
     def _cancel_unrested(self, order: Order, reason: CancelReason) -> None:
         """Cancel the remainder of an order that is not in the book."""
@@ -559,7 +586,8 @@ class Engine:
                 return (RejectCode.POST_ONLY_WOULD_CROSS,
                         f"post-only order amended to {cmd.price} would trade")
         if added > 0 and self.margin.enabled:
-            return self.margin.check_order(trader, symbol, order.is_buy, added, self.marks())
+            return self.margin.check_order(trader, symbol, order.is_buy, added, self.marks(),
+                                           self.ledger.accounts.get(order.trader_id))
         return None
 
     def _report_amend(self, order: Order, priority_kept: bool) -> None:
@@ -612,16 +640,19 @@ class Engine:
         """Check the traders a price move or a fill may have put below maintenance: those
         whose safe band the new mark left, those whose account changed, and those still
         being liquidated. In trader-id order, so the outcome never depends on history."""
-        marks = self.marks()
-        candidates = self._liquidating | self._margin_dirty
+        marks = self.last_prices if self._all_traded else self.marks()
+        candidates = self._margin_dirty
         self._margin_dirty = {}
+        candidates.update(self._liquidating)
+        pop_outside = self.margin.watch.pop_outside
         for symbol in moved:
-            candidates.update(dict.fromkeys(self.margin.watch.pop_outside(symbol, marks[symbol])))
+            candidates.update(dict.fromkeys(pop_outside(symbol, marks[symbol])))
+        traders, in_breach = self.traders, self.margin.in_breach
         for trader_id in sorted(candidates):
-            trader = self.traders[trader_id]
+            trader = traders[trader_id]
             if trader.status is _LIQUIDATING:
                 self._flatten(trader)
-            elif self.margin.in_breach(trader_id, marks):
+            elif in_breach(trader_id, marks):
                 self._liquidate(trader)
 
     def _liquidate(self, trader: TraderState) -> None:

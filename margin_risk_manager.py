@@ -19,7 +19,7 @@ import heapq
 
 from config import MONEY_SCALE, MarginConfig
 from models import RejectCode
-from positions import Ledger
+from positions import Account, Ledger, Position
 from risk_manager import Reject, TraderState
 
 
@@ -32,14 +32,17 @@ class MarginRiskManager:
         self.watch = MarginWatch()
 
     def check_order(self, trader: TraderState, symbol: str, is_buy: bool, added_qty: int,
-                    marks: dict[str, int]) -> Reject | None:
+                    marks: dict[str, int], account: Account | None) -> Reject | None:
         """Would the trader's worst case, with ``added_qty`` more open on one side of
-        ``symbol``, need more initial margin than its equity?"""
+        ``symbol``, need more initial margin than its equity? ``account`` is the trader's
+        ledger account (``None`` before its first fill), looked up once by the caller."""
         if not self.enabled or added_qty <= 0:
             return None
-        account = self.ledger.accounts.get(trader.trader_id)
-        positions = account.positions if account is not None else {}
-        equity = account.cash if account is not None else self.ledger.initial_cash
+        if account is None:
+            positions: dict[str, Position] = {}
+            equity = self.ledger.initial_cash
+        else:
+            positions, equity = account.positions, account.cash
         tick_values = self.ledger.tick_values
         worst_value = 0
         # exposure has an entry for every symbol the trader ever ordered in, so for every
@@ -81,7 +84,8 @@ class MarginRiskManager:
         its positions: a one-tick move changes equity by at most the position's tick
         value and maintenance by ``maintenance_bps`` of that, plus 1 for rounding.
         """
-        self.watch.disarm(trader_id)
+        watch = self.watch
+        watch.disarm(trader_id)
         if not self.enabled:
             return False
         account = self.ledger.accounts.get(trader_id)
@@ -92,21 +96,25 @@ class MarginRiskManager:
         notional = 0
         held: list[tuple[str, int, int]] = []
         for symbol, position in account.positions.items():
-            if position.qty:
+            qty = position.qty
+            if qty:
                 mark = marks[symbol]
-                per_tick = abs(position.qty) * tick_values[symbol]
-                equity += position.qty * mark * tick_values[symbol]
+                tick_value = tick_values[symbol]
+                per_tick = (qty if qty > 0 else -qty) * tick_value
+                equity += qty * mark * tick_value
                 notional += per_tick * mark
                 held.append((symbol, mark, per_tick))
         slack = equity - notional * self.maintenance_bps // 10_000
         if slack < 0:
             return True
         if held:
-            budget = max(slack - 1, 0) * 10_000
+            budget = (slack - 1 if slack > 1 else 0) * 10_000
             divisor = len(held) * (10_000 + self.maintenance_bps)
-            self.watch.arm(trader_id, [(symbol, mark - budget // (divisor * per_tick),
-                                        mark + budget // (divisor * per_tick))
-                                       for symbol, mark, per_tick in held])
+            bands: list[tuple[str, int, int]] = []
+            for symbol, mark, per_tick in held:
+                reach = budget // (divisor * per_tick)
+                bands.append((symbol, mark - reach, mark + reach))
+            watch.arm(trader_id, bands)
         return False
 
 
@@ -127,11 +135,15 @@ class MarginWatch:
     def arm(self, trader_id: str, bands: list[tuple[str, int, int]]) -> None:
         self._armings += 1
         arming = self._armed[trader_id] = self._armings
+        push = heapq.heappush
         for symbol, low, high in bands:
-            lows = self._lows.setdefault(symbol, [])
-            highs = self._highs.setdefault(symbol, [])
-            heapq.heappush(lows, (-low, arming, trader_id))
-            heapq.heappush(highs, (high, arming, trader_id))
+            lows = self._lows.get(symbol)
+            if lows is None:
+                lows = self._lows[symbol] = []
+                self._highs[symbol] = []
+            highs = self._highs[symbol]
+            push(lows, (-low, arming, trader_id))
+            push(highs, (high, arming, trader_id))
             if len(lows) > 4 * len(self._armed) + 64:
                 self._lows[symbol] = self._compacted(lows)
                 self._highs[symbol] = self._compacted(highs)

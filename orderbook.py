@@ -223,6 +223,28 @@ class OrderBook:
         self.resting_orders[order.order_id] = order
         return level.total_qty
 
+    def add_passive(self, order: Order) -> int | None:
+        """``would_cross`` and ``add`` in one step, for the most common order of all, a
+        limit order that does not trade on arrival: rest it and return the level's new
+        total, or return ``None`` and change nothing if it would trade."""
+        price = order.price
+        if order.is_buy:
+            best = self.asks.best_price()
+            if best is not None and price >= best:  # type: ignore[operator]
+                return None
+            side = self.bids
+        else:
+            best = self.bids.best_price()
+            if best is not None and price <= best:  # type: ignore[operator]
+                return None
+            side = self.asks
+        level = side.levels.get(price) or side.level_for_insert(price)  # type: ignore[arg-type]
+        level.orders.append(order)
+        level.live_count += 1
+        level.total_qty += order.leaves_qty
+        self.resting_orders[order.order_id] = order
+        return level.total_qty
+
     def remove(self, order_id: int) -> tuple[Order, int, int] | None:
         """Take a resting order out of the book in O(1).
 

@@ -92,9 +92,14 @@ class Ledger:
     def apply_fill(self, trader_id: str, symbol: str, is_buy: bool, price: int, qty: int,
                    fee: int) -> Position:
         """Book one fill; returns the updated position."""
+        return self.book_fill(self.account(trader_id), symbol, is_buy, price, qty, fee)
+
+    def book_fill(self, account: Account, symbol: str, is_buy: bool, price: int, qty: int,
+                  fee: int) -> Position:
+        """``apply_fill`` for a caller that already holds the account (the engine's hot
+        path, which also reads the account's cash for the position report)."""
         tick_value = self.tick_values[symbol]
-        account = self.account(trader_id)
-        position = account.position(symbol)
+        position = account.positions.get(symbol) or account.position(symbol)
         signed = qty if is_buy else -qty
         account.cash -= signed * price * tick_value + fee
         position.fees += fee

@@ -56,11 +56,16 @@ class RiskManager:
 
     def take_rate_token(self, trader: TraderState, ts: int) -> Reject | None:
         """Token bucket on the message's own timestamp: ``rate_limit_per_sec`` sustained,
-        ``rate_limit_burst`` at once."""
+        ``rate_limit_burst`` at once. A message older than the last one refills nothing."""
+        rate_ts = trader.rate_ts
         tokens = trader.rate_tokens
-        if trader.rate_ts is not None and ts > trader.rate_ts:
-            tokens = min(self._capacity, tokens + (ts - trader.rate_ts) * self._refill_per_us)
-        trader.rate_ts = ts if trader.rate_ts is None or ts > trader.rate_ts else trader.rate_ts
+        if rate_ts is None:
+            trader.rate_ts = ts
+        elif ts > rate_ts:
+            tokens += (ts - rate_ts) * self._refill_per_us
+            if tokens > self._capacity:
+                tokens = self._capacity
+            trader.rate_ts = ts
         if tokens < _TOKEN:
             trader.rate_tokens = tokens
             return RejectCode.RATE_LIMITED, "message rate limit exceeded; slow down"
@@ -87,17 +92,32 @@ class RiskManager:
                     f"(max_position {self.max_position})")
         return None
 
-
     def check_new_order(self, trader: TraderState, ts: int, symbol: str, is_buy: bool,
                         qty: int, position: int, limit_price: int | None, reference: int,
                         band_bps: int) -> Reject | None:
         """Every pre-trade check of a new order, in order: message rate, size, open
-        orders, worst-case position, and the price band (for a limit price)."""
-        reject = self.take_rate_token(trader, ts) or self.check_order(
-            trader, symbol, is_buy, qty, qty, position, 1)
-        if reject is None and limit_price is not None:
-            reject = check_price_band(limit_price, reference, band_bps)
-        return reject
+        orders, worst-case position, and the price band (for a limit price).
+
+        Every order passes through here, so the limits are tested inline; only a
+        failing order calls the functions that name the problem (the amend path's)."""
+        reject = self.take_rate_token(trader, ts)
+        if reject is not None:
+            return reject
+        exposure = trader.exposure.get(symbol)  # [open buy qty, open sell qty]
+        if exposure is None:
+            worst = position + qty if is_buy else position - qty
+        else:
+            worst = position + exposure[0] + qty if is_buy else position - exposure[1] - qty
+        if qty > self.max_order_qty or len(trader.live_orders) >= self.max_open_orders \
+                or worst > self.max_position or -worst > self.max_position:
+            reject = self.check_order(trader, symbol, is_buy, qty, qty, position, 1)
+            if reject is not None:
+                return reject
+        if limit_price is not None:
+            band = reference * band_bps // 10_000
+            if limit_price < reference - band or limit_price > reference + band:
+                return check_price_band(limit_price, reference, band_bps)
+        return None
 
 
 def check_price_band(price: int, reference: int, band_bps: int) -> Reject | None:

@@ -409,6 +409,7 @@ def run_book(work: Workload) -> tuple[Elapsed, Outcome]:
     book = OrderBook(SYMBOL)
     sink = CountingSink()
     add, remove, match, would_cross = book.add, book.remove, book.match, book.would_cross
+    add_passive = book.add_passive
     limit_type = OrderType.LIMIT
     noop = 0
     start = _clocks()
@@ -418,6 +419,8 @@ def run_book(work: Workload) -> tuple[Elapsed, Outcome]:
                 noop += 1
             continue
         order = Order(order_id, trader, cid, SYMBOL, side, limit_type, price, qty, tif)
+        if kind == LIMIT and add_passive(order) is not None:
+            continue  # rested without trading, as the engine's passive path does
         if would_cross(is_buy, price):
             match(order, price, sink)
         if kind == LIMIT and order.leaves_qty:

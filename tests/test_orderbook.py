@@ -132,6 +132,39 @@ def test_answer_would_cross_when_prices_meet_the_other_side(book: OrderBook) -> 
     assert book.would_cross(True, None) and book.would_cross(False, None)
 
 
+@pytest.mark.parametrize(("side", "price", "rests"), [
+    (BUY, 10_009, True), (BUY, 10_010, False), (BUY, 10_050, False),
+    (SELL, 10_001, True), (SELL, 10_000, False), (SELL, 9_000, False),
+])
+def test_rest_only_a_non_crossing_order_when_adding_it_as_passive(
+        book: OrderBook, side: Side, price: int, rests: bool) -> None:
+    rest(book, order(1, BUY, 10_000, 1), order(2, SELL, 10_010, 1))
+    if rests:
+        rest(book, order(3, side, price, 2))
+    before = book.state_hash()
+    incoming = order(4, side, price, 5)
+    level_qty = book.add_passive(incoming)
+    book.validate()
+    if rests:
+        # at the back of its level, behind order 3
+        assert level_qty == 7 == book.level_qty(side, price)
+        assert book.resting_orders[4] is incoming
+        assert [entry for entry in l3(book, side) if entry[0] == price] == [
+            (price, 3, 2), (price, 4, 5)]
+    else:
+        # would trade on arrival: the caller matches it, so nothing may have changed
+        assert level_qty is None and book.state_hash() == before
+        assert incoming.leaves_qty == 5 and 4 not in book.resting_orders
+
+
+def test_rest_on_either_side_when_adding_passive_to_an_empty_book(book: OrderBook) -> None:
+    assert book.add_passive(order(1, BUY, 10_000, 3)) == 3
+    assert book.add_passive(order(2, SELL, 9_000, 2)) is None  # crosses the new bid
+    assert book.add_passive(order(3, SELL, 10_001, 2)) == 2
+    book.validate()
+    assert (book.best_bid(), book.best_ask()) == (10_000, 10_001)
+
+
 # ------------------------------------------------------------------ lazy O(1) cancel
 
 

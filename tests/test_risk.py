@@ -5,8 +5,12 @@ from __future__ import annotations
 from unittest.mock import ANY
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from config import RiskConfig
 from models import AmendOrder, AmendRejected, OrderAccepted, OrderRejected, RejectCode
+from risk_manager import RiskManager, TraderState, check_price_band
 from tests.conftest import (
     ALT,
     BUY,
@@ -200,3 +204,62 @@ def test_refill_at_the_configured_fraction_when_the_rate_is_not_a_whole_number()
     assert rejected_code(h.send(limit("a", "a2", BUY, 1, 9_991), t0 + 399_000)) is \
         RejectCode.RATE_LIMITED
     assert is_accepted(h.send(limit("a", "a3", BUY, 1, 9_992), t0 + 400_000))
+
+
+# ------------------------------------------------------------------ the new-order fast path
+
+
+def _trader_state(burst: int, live: int, exposure: tuple[int, int] | None,
+                  rate: tuple[int, int | None]) -> TraderState:
+    trader = TraderState("a", burst)
+    trader.live_orders = {f"o{i}": None for i in range(live)}  # type: ignore[misc]
+    if exposure is not None:
+        trader.exposure["SIM"] = list(exposure)
+    trader.rate_tokens, trader.rate_ts = rate
+    return trader
+
+
+@settings(max_examples=800, deadline=None, derandomize=True, database=None)
+@given(limits=st.tuples(st.integers(1, 10), st.integers(0, 10), st.integers(1, 8),
+                        st.sampled_from((0.5, 1.0, 2.5, 1_000.0)), st.integers(1, 4)),
+       live=st.integers(0, 6),
+       exposure=st.none() | st.tuples(st.integers(0, 6), st.integers(0, 6)),
+       # mostly tokens to spare, so that the later checks are reached too
+       rate=st.tuples(st.sampled_from((4 * 10**9,) * 4 + (10**9, 10**9 - 1, 0)),
+                      st.none() | st.integers(0, 3_000_000)),
+       order=st.tuples(st.integers(0, 3_000_000), st.booleans(), st.integers(1, 8),
+                       st.integers(-12, 12),
+                       # the band is 9500..10500: prices at and either side of its edges
+                       st.none() | st.integers(9_498, 9_502) | st.integers(10_498, 10_502)
+                       | st.integers(9_000, 11_000)))
+def test_decide_like_the_named_rules_when_a_new_order_takes_the_inline_path(
+        limits: tuple[int, int, int, float, int], live: int,
+        exposure: tuple[int, int] | None, rate: tuple[int, int | None],
+        order: tuple[int, bool, int, int, int | None]) -> None:
+    """``check_new_order`` tests the limits inline for speed; whatever the state, it must
+    decide exactly as the rules it inlines, applied one after another (rate token, then
+    size / open orders / worst-case position, then the band), and leave the same bucket."""
+    max_qty, max_position, max_open, per_sec, burst = limits
+    risk = RiskManager(RiskConfig(max_order_qty=max_qty, max_position=max_position,
+                                  max_open_orders=max_open, rate_limit_per_sec=per_sec,
+                                  rate_limit_burst=burst))
+    ts, is_buy, qty, position, limit_price = order
+    fast = _trader_state(burst, live, exposure, rate)
+    named = _trader_state(burst, live, exposure, rate)
+    got = risk.check_new_order(fast, ts, "SIM", is_buy, qty, position, limit_price, 10_000, 500)
+    expected = risk.take_rate_token(named, ts) or risk.check_order(
+        named, "SIM", is_buy, qty, qty, position, 1)
+    if expected is None and limit_price is not None:
+        expected = check_price_band(limit_price, 10_000, 500)
+    assert got == expected
+    assert (fast.rate_tokens, fast.rate_ts) == (named.rate_tokens, named.rate_ts)
+
+
+@pytest.mark.parametrize(("price", "inside"), [
+    (9_499, False), (9_500, True), (10_000, True), (10_500, True), (10_501, False)])
+def test_apply_the_band_edges_exactly_when_a_new_order_takes_the_inline_path(
+        price: int, inside: bool) -> None:
+    risk = RiskManager(RiskConfig())
+    reject = risk.check_new_order(TraderState("a", 10), 1, "SIM", True, 1, 0, price, 10_000, 500)
+    assert reject == (None if inside else check_price_band(price, 10_000, 500))
+    assert inside or reject[0] is RejectCode.RISK_PRICE_BAND  # type: ignore[index]
