@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import socket
 import struct
@@ -1097,6 +1098,10 @@ def main(argv: list[str] | None = None) -> int:
         runner: Any = asyncio.run
     else:
         runner = uvloop.run
+    # what is loaded now lives as long as the process: spare it the collector's full
+    # passes, which would stall every subscriber's fan-out for milliseconds
+    gc.collect()
+    gc.freeze()
     try:
         runner(run(args))
     except OSError as exc:
