@@ -3,32 +3,44 @@ delivers to 1, 10 and 100 subscribers, one message per frame and with ``batch: t
 next to a bare websockets push server measured in the same run; and the exchange's order
 throughput with a stalled subscriber on the feed versus none.
 
-Processes: the exchange, the relay and the push reference each run as their own server;
-the order load comes from a ``_wsbench.py gateway-client`` process sending the gateway's
-seeded order flow (so the relay has real events to replicate and fan out), and the
-subscribers live in a ``_wsbench.py subscribers`` process, apart from the relay.
+Processes: the relay, its event source and the push reference each run as their own
+server, and the subscribers live in a ``_wsbench.py subscribers`` process, apart from
+the relay. The relay's source for the fan-out runs is, with ``--source synthetic`` (the
+default), ``_stream_source.py``: a seeded order flow run through the real engine before
+the runs and served pre-encoded over the exchange's internal event-stream protocol
+(snapshot, then gapless ``seq``), looping with the book emptied between cycles, so it
+can offer the relay far more events than the exchange could produce (the exchange tops
+out at a few thousand orders/s on 2 cores, which left the relay idle, input-bound, in
+batch mode). ``--source exchange`` measures end to end instead: the real exchange fed by
+a ``_wsbench.py gateway-client`` process sending the gateway's seeded order flow.
 
-How the relay runs are driven: orders go to the gateway open loop at a fixed rate chosen
-so the relay is offered a little more than it needs to beat its target at that number of
-subscribers (``--headroom``), capped by ``--max-input-rate``: a relay offered far more
-than it can send would only fall behind and resync, and every order the exchange does
-not need to process leaves CPU for the relay on a 2-core machine. The messages per order
-are calibrated at the start. A run that delivered everything the exchange produced
-(no resync, no lag) but still fell short is marked ``input-bound``: the exchange, not
-the relay, was the limit there.
+How the relay runs are driven: the source is paced so the relay is offered a little more
+than it needs to beat its target at that number of subscribers (``--headroom``): a relay
+offered far more than it can send would only fall behind and resync. The synthetic source
+is capped by ``--max-source-rate`` events/s (``--source-rate max``: as fast as the relay
+reads) and paused between runs; orders to the exchange go open loop, capped by
+``--max-input-rate``, since every order the exchange does not need to process leaves CPU
+for the relay on a 2-core machine. The feed messages per input (event or order) are
+calibrated at the start. A run that delivered everything its source produced (no resync,
+no lag) but still fell short is marked ``input-bound``: the source, not the relay, was
+the limit there. The relay's log is watched in every window: a sequence gap or a bad
+stream (which would make it resync everyone and the figures meaningless) is counted and
+printed.
 
 The exchange runs with ``--no-journal`` unless ``--journal``: here it is only the source
 of events, and fsync waits would cap the input the relay gets. Its config (a temporary
 ``--config``) lifts the risk limits so no order is refused; rejects are counted anyway.
 
-The stalled-subscriber comparison keeps one closed-loop order load (and one reading
+The stalled-subscriber comparison always uses the real exchange (it is defined on the
+exchange's throughput, started after the fan-out runs, with its own relay); it keeps one
+closed-loop order load (and one reading
 subscriber) running and measures adjacent windows without and with a subscriber that
 subscribed and never reads again (its receive buffer pinned small, so it stalls within
 seconds); each stalled window starts once the relay has logged its first resync of it.
 
 The relay's CPU time over each window is read from /proc (Linux): its share of a core,
 and the delivery rate that cost per message would give at a whole core, say what the
-relay itself could do when the exchange or a busy machine limits the input.
+relay itself could do when its source or a busy machine limits the input.
 ``--relay-script`` measures another copy of the relay (e.g. the previous version, kept
 in /tmp) under the same conditions.
 
@@ -38,7 +50,7 @@ messages/s delivered to 100 subscribers; the exchange's acked orders/s with one 
 subscriber within 5% of the figure without it.
 
 Example: ``.venv/bin/python bench/bench_feed.py`` (about 2 min), ``--quick`` (a smoke
-run, under 30 s).
+run, under 30 s), ``--source exchange`` (end to end).
 """
 
 from __future__ import annotations
@@ -49,10 +61,13 @@ import os
 import platform
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import orjson
+from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -92,6 +107,19 @@ STALL_WAIT_QUICK_S = 2.0  # smoke mode: the stall path is exercised, not waited 
 # what the relay logs (at WARNING) when it resyncs or drops a slow subscriber
 RESYNC_MARK = "behind: dropping its backlog"
 CLOSE_MARK = "closing subscriber"
+# ... and when its own input breaks: each makes it reconnect and resync every subscriber
+STREAM_MARKS = ("sequence gap", "bad exchange stream", "exchange offline")
+SOURCE_SCRIPT = "bench/_stream_source.py"
+CONTROL_TIMEOUT_S = 10.0
+
+
+def _source_rate(text: str) -> str | float:
+    if text in ("auto", "max"):
+        return text
+    rate = float(text)
+    if rate <= 0:
+        raise argparse.ArgumentTypeError("a rate must be positive (or auto, max)")
+    return rate
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -107,9 +135,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--subscribers", type=int, nargs="+", metavar="N",
                         default=list(SUBSCRIBER_COUNTS),
                         help="subscriber counts")
+    parser.add_argument("--source", choices=["synthetic", "exchange"], default="synthetic",
+                        help="the relay's input in the fan-out runs: a synthetic event "
+                             "stream of real engine events served pre-encoded (the relay is "
+                             "measured), or the real exchange fed with orders (end to end)")
+    parser.add_argument("--source-rate", type=_source_rate, default="auto",
+                        metavar="auto|max|EVENTS_PER_S",
+                        help="synthetic source's pace: auto (target plus headroom, capped "
+                             "by --max-source-rate), max (as fast as the relay reads: its "
+                             "ingest ceiling; unbatched subscribers then fall behind and "
+                             "resync) or a fixed events/s")
+    parser.add_argument("--max-source-rate", type=float, default=200_000.0,
+                        help="cap on the synthetic source's events/s with --source-rate auto")
+    parser.add_argument("--cycle-inputs", type=int, default=50_000,
+                        help="engine inputs in the synthetic source's cycle (it loops)")
     parser.add_argument("--max-input-rate", type=float, default=20_000.0,
                         help="cap on the order-entry messages/s sent to the exchange to "
-                             "feed the relay")
+                             "feed the relay (--source exchange)")
     parser.add_argument("--headroom", type=float, default=2.0,
                         help="input offered relative to what the relay needs to reach its "
                              "target at each subscriber count")
@@ -121,7 +163,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "default it runs with --no-journal, so the order input is "
                              "bounded by CPU rather than fsync and the relay gets the most "
                              "events to fan out")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the order flow")
+    parser.add_argument("--seed", type=int, default=42,
+                        help="seed of the order flows (synthetic and exchange)")
     parser.add_argument("--loop", choices=["auto", "asyncio"], default="auto",
                         help="event loop of the clients and the push server (auto: uvloop "
                              "when installed; the exchange and the relay pick their own)")
@@ -147,9 +190,11 @@ class FanoutRun:
     subscribers: int
     feed: str  # "push", "relay", "relay batch"
     sub: dict[str, Any]
-    load: dict[str, Any] | None = None
-    input_rate: float = 0.0  # offered order-entry messages/s
+    load: dict[str, Any] | None = None  # the gateway client's counters (exchange source)
+    source: dict[str, Any] | None = None  # the synthetic source's counters over the window
+    input_rate: float = 0.0  # offered: order-entry messages/s, or events/s (0: max)
     relay_cpu_s: float | None = None  # CPU time the relay process used in the window
+    relay_log: dict[str, int] = field(default_factory=dict)  # marks logged in the window
 
     @property
     def msgs_per_s(self) -> float:
@@ -165,7 +210,7 @@ class FanoutRun:
     @property
     def full_core_estimate(self) -> float | None:
         """Messages/s the relay would deliver at this cost per message with a whole core
-        to itself: what it could do when the exchange, not the relay, is the limit."""
+        to itself: what it could do when its source, not the relay, is the limit."""
         share = self.relay_cpu_share
         return self.msgs_per_s / share if share else None
 
@@ -178,36 +223,52 @@ class FanoutRun:
         return int(self.sub["snapshots"])
 
     @property
-    def lag_ms(self) -> float | None:
-        """How far the subscribers trailed the exchange as the window closed."""
-        load = self.load
-        if not load or not load["max_seq"] or not load["first_seq"]:
-            return None
-        events_per_s = (load["max_seq"] - load["first_seq"]) / load["elapsed"]
-        if events_per_s <= 0:
-            return None
-        return max(0.0, (load["max_seq"] - self.sub["last_seq"]) / events_per_s * 1000)
+    def stream_errors(self) -> int:
+        """Gaps or broken input the relay logged in the window (each a full resync)."""
+        return sum(self.relay_log.get(mark, 0) for mark in STREAM_MARKS)
 
     @property
-    def answered_per_s(self) -> float:
+    def lag_ms(self) -> float | None:
+        """How far the subscribers trailed the source as the window closed."""
+        if self.source is not None:
+            head, rate = self.source["seq"], self.input_per_s
+        elif self.load and self.load["max_seq"] and self.load["first_seq"]:
+            load = self.load
+            head = load["max_seq"]
+            rate = (load["max_seq"] - load["first_seq"]) / load["elapsed"]
+        else:
+            return None
+        if rate <= 0:
+            return None
+        return max(0.0, (head - self.sub["last_seq"]) / rate * 1000)
+
+    @property
+    def input_per_s(self) -> float:
+        """What the source produced: events/s (synthetic) or orders answered/s."""
+        if self.source is not None:
+            return self.source["events"] / self.source["elapsed"]
         load = self.load
         if not load:
             return 0.0
         return (load["acks"] + load["cancels"] + load["order_rejects"]
                 + load["cancel_rejects"]) / load["elapsed"]
 
-    def kept_up(self, per_order: float) -> bool:
-        """Whether the subscribers got (nearly) all the exchange produced: no resync,
-        little lag, and about ``per_order`` messages each per order answered."""
+    def kept_up(self, per_input: float) -> bool:
+        """Whether the subscribers got (nearly) all the source produced: no resync,
+        little lag, and about ``per_input`` messages each per input. A synthetic source
+        offered without a cap (max) was never the limit: that is never kept up."""
+        if self.source is not None and not self.input_rate:
+            return False
         lag = self.lag_ms
-        expected = self.answered_per_s * per_order
-        return (self.resyncs == 0 and lag is not None and lag <= LAG_OK_MS
+        expected = self.input_per_s * per_input
+        return (self.resyncs == 0 and self.stream_errors == 0 and lag is not None
+                and lag <= LAG_OK_MS
                 and self.msgs_per_s / self.subscribers >= KEPT_UP_SHARE * expected)
 
 
 @dataclass
 class Results:
-    calibration: float = 1.0  # public messages per order-entry message, per subscriber
+    calibration: float = 1.0  # feed messages per input (event or order), per subscriber
     fanout: list[FanoutRun] = field(default_factory=list)
     # (without, with) a stalled subscriber, adjacent windows of one load
     stall: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
@@ -222,7 +283,15 @@ class Bench:
         self.args = args
         self.progress = Progress()
         self.runs = 0
-        self.relay_pid = 0  # for its CPU time, once started
+        # the fan-out runs' relay and its input, once started
+        self.relay: ServerProcess | None = None
+        self.gateway_uri = ""  # --source exchange
+        self.source_uri = ""  # --source synthetic
+
+    @property
+    def feed_uri(self) -> str:
+        assert self.relay is not None
+        return self.relay.uris["feed"]
 
     async def subscribers(self, uri: str, count: int, *, batch: bool = False,
                           stall: bool = False) -> Worker:
@@ -249,33 +318,54 @@ class Bench:
             await subs.stop()
         return FanoutRun(count, "push", result)
 
-    async def relay_run(self, feed_uri: str, gateway_uri: str, count: int, batch: bool,
-                        rate: float, duration: float | None = None, profile_pid: int = 0,
+    async def relay_run(self, count: int, batch: bool, rate: float,
+                        duration: float | None = None,
                         profile_out: Path | None = None) -> FanoutRun:
-        """Subscribers on the relay, paced orders into the exchange, one window measured
-        on both sides (and the relay sampled by py-spy meanwhile, if asked)."""
-        subs = await self.subscribers(feed_uri, count, batch=batch)
+        """Subscribers on the relay, its source running, one window measured on both
+        sides (and the relay sampled by py-spy meanwhile, if asked). ``rate``: events/s
+        (synthetic; 0 is max) or orders/s offered to the exchange."""
+        assert self.relay is not None
+        relay = self.relay
+        subs = await self.subscribers(self.feed_uri, count, batch=batch)
         load: Worker | None = None
         window = duration if duration is not None else self.args.duration
+        synthetic = self.args.source == "synthetic"
+        source_result: dict[str, Any] | None = None
+        load_result: dict[str, Any] | None = None
         try:
-            load = await self.load(gateway_uri, LOAD_CONNS, rate)
-            await asyncio.sleep(self.args.warmup)
-            cpu_before = process_cpu_s(self.relay_pid)
-            if profile_pid and profile_out is not None:
-                (sub_result, load_result), recorded = await asyncio.gather(
-                    measure_all([subs, load], window),
-                    py_spy_record(profile_pid, window, profile_out))
-                sub_result["profiled"] = recorded
+            if synthetic:
+                await source_control(self.source_uri, rate or "max")
             else:
-                sub_result, load_result = await measure_all([subs, load], window)
-            cpu_after = process_cpu_s(self.relay_pid)
+                load = await self.load(self.gateway_uri, LOAD_CONNS, rate)
+            await asyncio.sleep(self.args.warmup)
+            logged = len(relay.stderr_lines)
+            source_before = await source_control(self.source_uri) if synthetic else None
+            cpu_before = process_cpu_s(relay.proc.pid)
+            workers = [subs] if load is None else [subs, load]
+            measuring = measure_all(workers, window)
+            if profile_out is not None:
+                results, recorded = await asyncio.gather(
+                    measuring, py_spy_record(relay.proc.pid, window, profile_out))
+                results[0]["profiled"] = recorded
+            else:
+                results = await measuring
+            cpu_after = process_cpu_s(relay.proc.pid)
+            sub_result = results[0]
+            if source_before is not None:
+                source_result = source_window(source_before,
+                                              await source_control(self.source_uri))
+            else:
+                load_result = results[1]
+            window_log = relay.stderr_lines[logged:]
         finally:
+            if synthetic:
+                await source_control(self.source_uri, 0)  # idle between runs
             if load is not None:
                 await load.stop()
             await subs.stop()
         cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
         return FanoutRun(count, "relay batch" if batch else "relay", sub_result, load_result,
-                         rate, cpu)
+                         source_result, rate, cpu, count_marks(window_log))
 
     async def stall_test(self, gateway_uri: str, feed_uri: str, relay: ServerProcess,
                          results: Results) -> None:
@@ -328,6 +418,35 @@ class Bench:
         return result
 
 
+async def source_control(uri: str, rate: float | str | None = None) -> dict[str, Any]:
+    """The synthetic source's counters; with ``rate``, set its pace first (events/s,
+    "max", 0 pauses)."""
+    query = "" if rate is None else f"?rate={rate}"
+    async with connect(f"{uri}/control{query}", compression=None,
+                       open_timeout=CONTROL_TIMEOUT_S) as ws:
+        answer = orjson.loads(await asyncio.wait_for(ws.recv(), CONTROL_TIMEOUT_S))
+    if "error" in answer:
+        raise RuntimeError(f"stream source: {answer['error']}")
+    return answer
+
+
+def source_window(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What the source sent between two readings of its counters."""
+    return {"elapsed": after["time"] - before["time"], "seq": after["seq"],
+            **{key: after[key] - before[key] for key in ("events", "inputs", "frames",
+                                                       "bytes")}}
+
+
+def count_marks(lines: list[str]) -> dict[str, int]:
+    """How often each mark of interest occurs in a window of the relay's log."""
+    marks = (RESYNC_MARK, CLOSE_MARK, *STREAM_MARKS)
+    return {mark: sum(mark in line for line in lines) for mark in marks}
+
+
+def stream_error_lines(lines: list[str]) -> Iterator[str]:
+    return (line.rstrip() for line in lines if any(mark in line for mark in STREAM_MARKS))
+
+
 def process_cpu_s(pid: int) -> float | None:
     """User plus system CPU seconds a process has used (Linux /proc; None elsewhere).
     On a shared machine this, unlike a rate, hardly depends on what else runs."""
@@ -342,92 +461,152 @@ def process_cpu_s(pid: int) -> float | None:
 
 def input_rate(args: argparse.Namespace, results: Results, count: int, batch: bool,
                push_frames: float) -> float:
-    """Order-entry messages/s that give the relay its target's worth of events plus
-    headroom at ``count`` subscribers, within the cap."""
+    """Inputs/s (events from the synthetic source, or order-entry messages to the
+    exchange) that give the relay its target's worth of messages plus headroom at
+    ``count`` subscribers, within the cap; 0: as fast as the relay reads."""
+    synthetic = args.source == "synthetic"
+    if synthetic and args.source_rate != "auto":
+        return 0.0 if args.source_rate == "max" else float(args.source_rate)
     goal = max(TARGET_BATCH_MSGS, push_frames) if batch else push_frames
     per_subscriber = goal * args.headroom / count
-    return min(args.max_input_rate, per_subscriber / max(results.calibration, 0.1))
+    cap = args.max_source_rate if synthetic else args.max_input_rate
+    return min(cap, per_subscriber / max(results.calibration, 0.01))
+
+
+def input_unit(args: argparse.Namespace) -> str:
+    return "events" if args.source == "synthetic" else "orders"
+
+
+def _fmt_offered(rate: float) -> str:
+    return fmt_int(rate) if rate else "max"
 
 
 def describe(run: FanoutRun) -> str:
     text = (f"{fmt_int(run.msgs_per_s)} msgs/s delivered "
             f"({fmt_int(run.msgs_per_s / run.subscribers)} per subscriber, "
             f"{fmt_int(run.frames_per_s)} frames/s)")
-    if run.load is not None:
+    if run.load is not None or run.source is not None:
         lag = run.lag_ms
-        text += (f", input {fmt_int(run.answered_per_s)}/s of {fmt_int(run.input_rate)} "
-                 f"offered, {run.resyncs} resyncs, lag "
+        unit = "events" if run.source is not None else "orders"
+        text += (f", input {fmt_int(run.input_per_s)} {unit}/s of "
+                 f"{_fmt_offered(run.input_rate)} offered, {run.resyncs} resyncs, lag "
                  f"{'n/a' if lag is None else fmt_us(lag * 1000)}")
+        if run.stream_errors:
+            text += f", {run.stream_errors} STREAM ERRORS in the relay's log"
     share = run.relay_cpu_share
     if share is not None:
         text += f", relay CPU {share:.0%}"
     return text
 
 
+async def start_relay(args: argparse.Namespace, source_uri: str) -> ServerProcess:
+    return await start_server(str(args.relay_script), "--port", "0", "--exchange-uri",
+                              source_uri, "--log-level", "WARNING")
+
+
+async def start_exchange(args: argparse.Namespace, tmp: str, config: Path) -> ServerProcess:
+    return await start_server(
+        "exchange_server.py", "--port", "0", "--events-port", "0", "--data-dir", tmp,
+        "--config", str(config), "--log-level", "WARNING",
+        *([] if args.journal else ["--no-journal"]))
+
+
 async def run(args: argparse.Namespace) -> int:
     bench = Bench(args)
     progress = bench.progress
     results = Results()
+    synthetic = args.source == "synthetic"
     print(f"OpenMarketSim feed benchmark: python {platform.python_version()}, clients and "
           f"push server on {loop_name(args.loop)}, seed {args.seed}"
           f"{', QUICK smoke mode' if args.quick else ''}")
+    print("relay input in the fan-out runs: " + (
+        f"synthetic event stream ({SOURCE_SCRIPT}: {args.cycle_inputs:,} engine inputs "
+        f"per cycle, pre-encoded; pace {args.source_rate})" if synthetic else
+        "the real exchange, fed orders through its gateway"))
     print(f"load average at start: {load_average()} (the figures are shared with whatever "
           "else runs; each relay figure is compared with a push figure of the same run)")
     servers: list[ServerProcess] = []
+    relay_logs: list[ServerProcess] = []  # every relay started, for its stream errors
     with tempfile.TemporaryDirectory(prefix="bench_feed_") as tmp:
         config = write_config(Path(tmp), bench_exchange_config())
         try:
             push = await start_server("bench/_wsbench.py", "push-server", "--loop", args.loop,
                                       "--seed", str(args.seed))
             servers.append(push)
-            exchange = await start_server(
-                "exchange_server.py", "--port", "0", "--events-port", "0", "--data-dir", tmp,
-                "--config", str(config), "--log-level", "WARNING",
-                *([] if args.journal else ["--no-journal"]))
-            servers.append(exchange)
-            relay = await start_server(
-                str(args.relay_script), "--port", "0", "--exchange-uri",
-                exchange.uris["events"], "--log-level", "WARNING")
+            if synthetic:
+                # paused (rate 0) until a run starts it: an idle relay between runs
+                source = await start_server(
+                    SOURCE_SCRIPT, "--port", "0", "--seed", str(args.seed), "--inputs",
+                    str(args.cycle_inputs), "--rate", "0", "--loop", args.loop,
+                    "--log-level", "WARNING")
+                servers.append(source)
+                bench.source_uri = source.uris["events"]
+                events_uri = bench.source_uri
+            else:
+                source = await start_exchange(args, tmp, config)
+                servers.append(source)
+                bench.gateway_uri = source.uris["gateway"]
+                events_uri = source.uris["events"]
+            bench.relay = relay = await start_relay(args, events_uri)
             servers.append(relay)
-            bench.relay_pid = relay.proc.pid
-            push_uri, gateway_uri = push.uris["push"], exchange.uris["gateway"]
-            feed_uri = relay.uris["feed"]
-            progress(f"servers up: push pid {push.proc.pid}, exchange pid "
-                     f"{exchange.proc.pid}, relay pid {relay.proc.pid}")
+            relay_logs.append(relay)
+            progress(f"servers up: push pid {push.proc.pid}, "
+                     f"{'source' if synthetic else 'exchange'} pid {source.proc.pid}, "
+                     f"relay pid {relay.proc.pid}")
 
-            # Warm-up, and the calibration: messages a subscriber gets per order sent.
-            await bench.push_run(push_uri, max(args.subscribers))
-            calib = await bench.relay_run(feed_uri, gateway_uri, 1, False, 2000.0,
+            # Warm-up, and the calibration: messages a subscriber gets per input.
+            await bench.push_run(push.uris["push"], max(args.subscribers))
+            calib = await bench.relay_run(1, False, 20_000.0 if synthetic else 2000.0,
                                           duration=max(args.warmup, 0.5))
-            results.calibration = calib.msgs_per_s / max(calib.answered_per_s, 1.0)
+            results.calibration = calib.msgs_per_s / max(calib.input_per_s, 1.0)
             progress(f"warm-up done; calibration: {results.calibration:.2f} feed messages "
-                     "per order-entry message")
+                     f"per {input_unit(args)[:-1]} ({describe(calib)})")
 
             for count in args.subscribers:
-                push_run = await bench.push_run(push_uri, count)
+                push_run = await bench.push_run(push.uris["push"], count)
                 results.fanout.append(push_run)
                 progress(f"push        {count:>3} subscribers: {describe(push_run)}")
                 for batch in (False, True):
                     rate = input_rate(args, results, count, batch, push_run.frames_per_s)
-                    relay_run = await bench.relay_run(feed_uri, gateway_uri, count, batch,
-                                                      rate)
+                    relay_run = await bench.relay_run(count, batch, rate)
                     results.fanout.append(relay_run)
                     progress(f"{relay_run.feed:<11} {count:>3} subscribers: "
                              f"{describe(relay_run)}")
-
-            await bench.stall_test(gateway_uri, feed_uri, relay, results)
 
             if args.profile:
                 if py_spy_path() is None:
                     print("--profile: py-spy not found (pip install py-spy); skipped")
                 else:
-                    await profile_relay(bench, args, results, relay, feed_uri, gateway_uri)
+                    await profile_relay(bench, args, results)
+
+            if synthetic:
+                # the stalled-subscriber comparison is about the exchange: its own pair
+                for server in (relay, source):
+                    await server.stop()
+                exchange = await start_exchange(args, tmp, config)
+                servers.append(exchange)
+                stall_relay = await start_relay(args, exchange.uris["events"])
+                servers.append(stall_relay)
+                relay_logs.append(stall_relay)
+                progress(f"stalled-subscriber servers up: exchange pid {exchange.proc.pid}, "
+                         f"relay pid {stall_relay.proc.pid}")
+            else:
+                exchange, stall_relay = source, relay
+            await bench.stall_test(exchange.uris["gateway"], stall_relay.uris["feed"],
+                                   stall_relay, results)
         finally:
             for server in reversed(servers):
                 await server.stop()
     progress("servers stopped")
     print(f"load average at end: {load_average()}")
     status = report(args, results)
+    errors = [line for r in relay_logs for line in stream_error_lines(r.stderr_lines)]
+    if errors:
+        print(f"\nWARNING: the relay logged {len(errors)} input errors (each one a reconnect "
+              "and a resync of every subscriber):")
+        for line in errors[:20]:
+            print("  " + line)
+        status = max(status, 1)
     for label, (path, run_) in results.profiles.items():
         print(f"\nWhere the relay's time goes, {label} ({describe(run_)}; py-spy raw "
               f"profile: {path}):")
@@ -435,17 +614,16 @@ async def run(args: argparse.Namespace) -> int:
     return status
 
 
-async def profile_relay(bench: Bench, args: argparse.Namespace, results: Results,
-                        relay: ServerProcess, feed_uri: str, gateway_uri: str) -> None:
+async def profile_relay(bench: Bench, args: argparse.Namespace, results: Results) -> None:
     count = max(args.subscribers)
     args.profile_dir.mkdir(parents=True, exist_ok=True)
     for batch in (False, True):
         earlier = results.get(count, "relay batch" if batch else "relay")
         label = f"{count} subscribers{', batch' if batch else ''}"
         out = args.profile_dir / f"bench_feed_relay_{count}{'_batch' if batch else ''}.pyspy.txt"
-        run_ = await bench.relay_run(feed_uri, gateway_uri, count, batch, earlier.input_rate,
+        run_ = await bench.relay_run(count, batch, earlier.input_rate,
                                      duration=profile_window(args.duration),
-                                     profile_pid=relay.proc.pid, profile_out=out)
+                                     profile_out=out)
         bench.progress(f"profiled the relay, {label}: {describe(run_)}")
         if run_.sub.get("profiled"):
             results.profiles[label] = (out, run_)
@@ -459,7 +637,7 @@ def _fmt_rate(rate: float | None) -> str:
     return "-" if rate is None else fmt_int(rate)
 
 
-def _fanout_verdict(run: FanoutRun, push_run: FanoutRun, per_order: float) -> str:
+def _fanout_verdict(run: FanoutRun, push_run: FanoutRun, per_input: float) -> str:
     if run.feed == "relay batch":
         if run.subscribers != 100:
             return "-"
@@ -468,42 +646,52 @@ def _fanout_verdict(run: FanoutRun, push_run: FanoutRun, per_order: float) -> st
         ok = run.msgs_per_s >= TARGET_UNBATCHED_RATIO * push_run.msgs_per_s
     if ok:
         return "PASS"
-    return "MISS (input-bound)" if run.kept_up(per_order) else "MISS"
+    return "MISS (input-bound)" if run.kept_up(per_input) else "MISS"
 
 
 def report(args: argparse.Namespace, results: Results) -> int:
     """Print the tables and targets; 1 if the exchange refused orders (the figures would
     then include refused work), else 0, whatever the targets say."""
-    print(f"\nFan-out ({args.duration:g} s per run; messages counted at the subscribers, "
-          "summed over them; 'vs push' against the push server at the same count):")
+    synthetic = args.source == "synthetic"
+    unit = input_unit(args)
+    source_name = (f"the synthetic event stream ({SOURCE_SCRIPT})" if synthetic
+                   else "the real exchange")
+    print(f"\nFan-out, relay fed by {source_name} ({args.duration:g} s per run; messages "
+          "counted at the subscribers, summed over them; 'vs push' against the push server "
+          "at the same count):")
     rows = []
     for count in args.subscribers:
         push_run = results.get(count, "push")
         for feed in ("push", "relay", "relay batch"):
             run = results.get(count, feed)
             lag = run.lag_ms
+            fed = run.load is not None or run.source is not None
             rows.append([
                 str(count), feed, fmt_int(run.msgs_per_s),
                 fmt_int(run.msgs_per_s / count), fmt_int(run.frames_per_s),
                 "baseline" if feed == "push" else f"{run.msgs_per_s / push_run.msgs_per_s:.2f}x",
-                "-" if run.load is None else f"{fmt_int(run.answered_per_s)}/"
-                                             f"{fmt_int(run.input_rate)}",
-                "-" if run.load is None else str(run.resyncs),
+                "-" if not fed else f"{fmt_int(run.input_per_s)}/"
+                                    f"{_fmt_offered(run.input_rate)}",
+                "-" if not fed else str(run.resyncs),
+                "-" if not fed else str(run.stream_errors),
                 "-" if lag is None else fmt_us(lag * 1000),
                 _fmt_share(run.relay_cpu_share), _fmt_rate(run.full_core_estimate),
                 "-" if feed == "push" else _fanout_verdict(run, push_run,
                                                            results.calibration)])
     print_table(["subs", "feed", "msgs/s", "per sub/s", "frames/s", "vs push",
-                 "orders/s in/offered", "resyncs", "lag", "relay CPU", "at 1 core",
-                 "target"], rows, "><>>>>>>>>><")
-    print(f"(orders/s: order-entry messages/s the exchange answered / offered, "
-          f"{results.calibration:.2f} feed messages each; 'resyncs': book snapshots sent "
-          "to lagging subscribers; 'lag': how far the subscribers trailed the exchange as "
-          "the window closed; a relay with no resync and little lag delivered all it was "
-          "given and could have done more: below target that is 'input-bound'; 'relay "
-          "CPU': the relay process's CPU time over the window, as a share of one core; "
-          "'at 1 core': msgs/s at that cost per message if the relay had a whole core, an "
-          "estimate of its own ceiling when the exchange is the limit)")
+                 f"{unit}/s in/offered", "resyncs", "gaps", "lag", "relay CPU", "at 1 core",
+                 "target"], rows, "><>>>>>>>>>><")
+    what_in = ("events/s the source sent / offered ('max': as fast as the relay read)"
+               if synthetic else "order-entry messages/s the exchange answered / offered")
+    print(f"({unit}/s: {what_in}, {results.calibration:.2f} feed messages each; 'resyncs': "
+          "book snapshots sent to lagging subscribers; 'gaps': sequence gaps or broken input "
+          "the relay logged (each a reconnect and a resync of everyone; must be 0); 'lag': "
+          "how far the subscribers trailed the source as the window closed; a relay with "
+          "no resync and little lag delivered all it was given and could have done more: "
+          "below target that is 'input-bound'; 'relay CPU': the relay process's CPU time "
+          "over the window, as a share of one core; 'at 1 core': msgs/s at that cost per "
+          "message if the relay had a whole core, an estimate of its own ceiling when its "
+          "input or a busy machine is the limit)")
 
     none = [pair[0] for pair in results.stall]
     stalled = [pair[1] for pair in results.stall]
@@ -527,7 +715,7 @@ def report(args: argparse.Namespace, results: Results) -> int:
           "resyncing the stalled subscriber; the change is the median of the per-round "
           "ratios)")
 
-    print("\nTargets:")
+    print(f"\nTargets (fan-out fed by {source_name}):")
     for count in args.subscribers:
         push_run, run = results.get(count, "push"), results.get(count, "relay")
         print(f"  unbatched, {count:>3} subscribers >= {TARGET_UNBATCHED_RATIO:.2f}x push: "
