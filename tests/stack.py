@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,10 @@ from typing import Any
 import orjson
 import websockets
 
-from launcher import ROOT, ServerProcess, start_server, stop_process
+from launcher import ROOT, ServerProcess, python_env, start_server, stop_process
 
-__all__ = ["ROOT", "Client", "ServerProcess", "connected", "logged_in", "running_exchange",
-           "running_process", "running_relay", "stop_process"]
+__all__ = ["ROOT", "Client", "ServerProcess", "connected", "logged_in", "run_to_exit",
+           "running_exchange", "running_process", "running_relay", "stop_process"]
 
 RECV_TIMEOUT_S = 5.0
 
@@ -33,6 +34,21 @@ async def running_process(script: str, *args: str, cwd: Path | None = None,
         yield server
     finally:
         await server.stop()
+
+
+async def run_to_exit(script: str, *args: str, timeout: float, cwd: Path = ROOT,
+                      pythonpath: Path | None = None) -> tuple[int, str, str]:
+    """``python <ROOT/script> <args>`` to its exit (stopped if it is still running after
+    ``timeout`` seconds): exit code, stdout, stderr. ``pythonpath`` is importable too."""
+    env = python_env({"PYTHONPATH": str(pythonpath)} if pythonpath is not None else None)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / script), *args, cwd=cwd, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        await stop_process(proc)
+    return proc.returncode or 0, out.decode(), err.decode()
 
 
 def running_exchange(data_dir: Path, *args: str) -> contextlib.AbstractAsyncContextManager[

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +17,7 @@ from bot_battle_runner import (
 )
 from bot_client import BotResult
 from bot_strategies import MarketMaker
-from tests.stack import ROOT
+from tests.stack import ROOT, run_to_exit
 
 MM = "bot_strategies:MarketMaker"
 
@@ -144,18 +141,8 @@ def test_leaderboard_ranks_by_equity() -> None:
 
 async def _run_cli(*args: str, cwd: Path, pythonpath: Path | None = None
                    ) -> tuple[int, str, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        str(p) for p in (pythonpath, ROOT) if p is not None)}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "bot_battle_runner.py"), *args, cwd=cwd, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    return proc.returncode or 0, out.decode(), err.decode()
+    return await run_to_exit("bot_battle_runner.py", *args, timeout=30, cwd=cwd,
+                             pythonpath=pythonpath)
 
 
 async def test_cli_imports_from_pythonpath_and_names_the_bad_entry(tmp_path: Path) -> None:

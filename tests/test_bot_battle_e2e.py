@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import csv
 import json
-import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.stack import ROOT, ServerProcess, logged_in, running_exchange, running_relay
+from tests.stack import (
+    ROOT,
+    ServerProcess,
+    logged_in,
+    run_to_exit,
+    running_exchange,
+    running_relay,
+)
 
 RUN_TIMEOUT_S = 60.0
 
@@ -53,20 +57,10 @@ async def market(data_dir: Path) -> AsyncIterator[tuple[ServerProcess, str, str]
 
 async def run_battle(config: Path, gateway: str, feed: str, *extra: str,
                      pythonpath: Path | None = None, cwd: Path) -> tuple[int, str, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        str(p) for p in (pythonpath, ROOT) if p is not None)}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "bot_battle_runner.py"), "--config", str(config),
-        "--exchange-uri", gateway, "--market-data-uri", feed, "--progress-interval", "1",
-        *extra, cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT_S)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    return proc.returncode or 0, out.decode(), err.decode()
+    return await run_to_exit(
+        "bot_battle_runner.py", "--config", str(config), "--exchange-uri", gateway,
+        "--market-data-uri", feed, "--progress-interval", "1", *extra,
+        timeout=RUN_TIMEOUT_S, cwd=cwd, pythonpath=pythonpath)
 
 
 def leaderboard(stdout: str) -> dict[str, dict[str, Any]]:

@@ -3,28 +3,19 @@ final performance rows, and append-only telemetry across restarts."""
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import json
 import signal
-import sys
 from pathlib import Path
 
-from tests.stack import ROOT, logged_in, running_exchange, stop_process
+from tests.stack import logged_in, run_to_exit, running_exchange, stop_process
 
 PERFORMANCE_HEADER = ["timestamp", "trader_id", "position", "cash", "realized_pnl",
                       "total_equity", "unrealized_pnl", "fees"]
 
 
-async def run_to_exit(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "exchange_server.py"), *args, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 20)
-    finally:
-        await stop_process(proc)
-    return proc.returncode, out.decode(), err.decode()  # type: ignore[return-value]
+async def exchange_to_exit(*args: str) -> tuple[int, str, str]:
+    return await run_to_exit("exchange_server.py", *args, timeout=20)
 
 
 def read_csv(path: Path) -> list[list[str]]:
@@ -33,7 +24,7 @@ def read_csv(path: Path) -> list[list[str]]:
 
 
 async def test_help_lists_the_flags() -> None:
-    code, out, _ = await run_to_exit("--help")
+    code, out, _ = await exchange_to_exit("--help")
     assert code == 0
     for flag in ("--host", "--port", "--events-port", "--config", "--data-dir", "--accounts",
                  "--log-level"):
@@ -47,13 +38,13 @@ async def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     for key, data in cases.items():
         config = tmp_path / "config.json"
         config.write_text(json.dumps(data))
-        code, out, err = await run_to_exit("--config", str(config), "--port", "0",
+        code, out, err = await exchange_to_exit("--config", str(config), "--port", "0",
                                            "--events-port", "0", "--data-dir", str(tmp_path))
         assert code == 2, err
         assert key in err and "READY" not in out
     accounts = tmp_path / "accounts.json"
     accounts.write_text(json.dumps({"alice": 42}))
-    code, _, err = await run_to_exit("--accounts", str(accounts), "--data-dir", str(tmp_path))
+    code, _, err = await exchange_to_exit("--accounts", str(accounts), "--data-dir", str(tmp_path))
     assert code == 2 and "alice" in err
 
 

@@ -3,11 +3,8 @@ whole battles (``bot_battle_runner.py --lockstep``) that must reproduce byte for
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import os
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,11 +13,11 @@ from typing import Any
 import pytest
 
 from tests.stack import (
-    ROOT,
     Client,
     ServerProcess,
     connected,
     logged_in,
+    run_to_exit,
     running_exchange,
     running_relay,
 )
@@ -311,22 +308,14 @@ async def lockstep_battle(tmp_path: Path, name: str, seed: int,
     # a skip would make the run depend on timing: on a loaded machine, wait rather than skip
     async with sim_exchange(data_dir, "--step-timeout-ms", "30000",
                             *exchange_args) as exchange:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(ROOT / "bot_battle_runner.py"), "--config", str(config),
-            "--lockstep", "--duration", "3", "--workers", "2", "--seed", str(seed),
-            "--exchange-uri", exchange.uris["gateway"], cwd=tmp_path,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT_S)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        assert proc.returncode == 0, err.decode()
+        code, out, err = await run_to_exit(
+            "bot_battle_runner.py", "--config", str(config), "--lockstep", "--duration", "3",
+            "--workers", "2", "--seed", str(seed), "--exchange-uri", exchange.uris["gateway"],
+            timeout=RUN_TIMEOUT_S, cwd=tmp_path)
+        assert code == 0, err
     assert "skipped" not in exchange.stderr_text
     return ((data_dir / "trades.csv").read_bytes(), (data_dir / "performance.csv").read_bytes(),
-            out.decode())
+            out)
 
 
 @pytest.mark.timeout(240)

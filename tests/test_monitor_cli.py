@@ -3,30 +3,18 @@ exchange stream, and a clear failure when the feed is unreachable."""
 
 from __future__ import annotations
 
-import asyncio
 import random
-import sys
 
 import orjson
 
-from tests.stack import ROOT, connected, running_relay
+from tests.stack import ROOT, connected, run_to_exit, running_relay
 from tests.test_market_data_fake import SYMBOLS, FakeExchange, running_fake
 
 MONITOR = str(ROOT / "monitor_client.py")
 
 
 async def run_monitor(*args: str, timeout: float = 30.0) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, MONITOR, *args, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_to_exit("monitor_client.py", *args, timeout=timeout)
 
 
 async def test_once_json_prints_one_consistent_snapshot() -> None:

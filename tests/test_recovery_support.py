@@ -7,9 +7,7 @@ commands go straight to ``submit``), so a test can build a journal in millisecon
 
 from __future__ import annotations
 
-import asyncio
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ from config import ExchangeConfig, config_from_dict
 from exchange_server import Exchange, FlushPolicy
 from models import NewOrder, OrderType, Side, TimeInForce
 from replay import recover
-from tests.stack import ROOT, stop_process
+from tests.stack import run_to_exit
 
 HASH_RE = re.compile(r"state_hash[=:] ?([0-9a-f]{64})")
 RECOVERED_RE = re.compile(r"recovered (\d+) journaled inputs .*?: seq (\d+), .*?"
@@ -63,14 +61,7 @@ def limit(trader: str, cid: str, side: Side, qty: int, price: int,
 
 async def run_replay(*args: str) -> tuple[int, str, str]:
     """``python replay.py ARGS``: exit code, stdout, stderr."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "replay.py"), *args, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), PROCESS_TIMEOUT_S)
-    finally:
-        await stop_process(proc)
-    return proc.returncode, out.decode(), err.decode()  # type: ignore[return-value]
+    return await run_to_exit("replay.py", *args, timeout=PROCESS_TIMEOUT_S)
 
 
 async def replay_hash(data_dir: Path, *args: str) -> str:
