@@ -7,7 +7,7 @@ from pathlib import Path
 
 from journal import journal_dir, list_segments, read_segment
 from tests.stack import logged_in, running_exchange, stop_process
-from tests.test_exchange_process import run_to_exit, trade_once
+from tests.test_exchange_process import exchange_to_exit, trade_once
 from tests.test_recovery_support import final_hash, recovered_line
 
 
@@ -30,7 +30,7 @@ def first_segment(data_dir: Path) -> Path:
 
 
 async def test_help_lists_the_journal_flags() -> None:
-    code, out, _ = await run_to_exit("--help")
+    code, out, _ = await exchange_to_exit("--help")
     assert code == 0
     for flag in ("--journal-flush", "--snapshot-every", "--no-journal", "--data-dir"):
         assert flag in out
@@ -55,7 +55,7 @@ async def test_a_corrupt_record_in_the_middle_stops_the_start_naming_where(
     data = bytearray(path.read_bytes())
     data[offset + 12] ^= 0x40
     path.write_bytes(bytes(data))
-    code, out, err = await run_to_exit("--port", "0", "--events-port", "0",
+    code, out, err = await exchange_to_exit("--port", "0", "--events-port", "0",
                                        "--data-dir", str(tmp_path))
     assert code == 3 and "READY" not in out
     assert str(path) in err and f"byte offset {offset}" in err and "input #4" in err
@@ -77,6 +77,6 @@ async def test_a_torn_last_record_is_dropped_with_a_warning(tmp_path: Path) -> N
 
 async def test_no_journal_refuses_a_data_dir_that_has_one(tmp_path: Path) -> None:
     await trade_and_stop(tmp_path)
-    code, out, err = await run_to_exit("--port", "0", "--events-port", "0",
+    code, out, err = await exchange_to_exit("--port", "0", "--events-port", "0",
                                        "--data-dir", str(tmp_path), "--no-journal")
     assert code == 2 and "has a journal" in err and "READY" not in out
