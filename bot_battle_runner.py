@@ -45,7 +45,7 @@ import queue
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,7 @@ from bot_client import (
     BotResult,
 )
 from bot_strategies import BUILTIN_STRATEGIES, ParamError
-from launcher import stop_on_signals
+from launcher import run_event_loop, stop_on_signals
 from models import TRADER_ID_RE
 
 log = logging.getLogger("bot_battle_runner")
@@ -356,17 +356,9 @@ def _worker_main(index: int, specs: list[BotSpec], options: RunOptions, log_leve
         return await run_bots(specs, dataclasses.replace(options, progress_interval_s=1.0),
                               lambda: local_stop.is_set() or stop.is_set(), report)
 
-    out.put(("done", index, run_loop(main())))
+    out.put(("done", index, run_event_loop(main())))
 
 
-def run_loop(main: Coroutine[Any, Any, list[BotResult]]) -> list[BotResult]:
-    """Run ``main`` on uvloop when it is installed (bots spend their time in the event
-    loop and the socket layer), else on plain asyncio."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
 
 
 def run_workers(specs: list[BotSpec], options: RunOptions, workers: int,
@@ -553,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("starting %d bots on %d worker(s) against %s%s", len(specs), workers,
              args.exchange_uri, " in lockstep" if args.lockstep else "")
     started = time.monotonic()
-    results = (run_loop(run_in_process(specs, options)) if workers == 1
+    results = (run_event_loop(run_in_process(specs, options)) if workers == 1
                else run_workers(specs, options, workers, args.log_level))
     print(format_leaderboard(results), flush=True)
     if args.lockstep:

@@ -15,7 +15,15 @@ import sys
 import time
 from pathlib import Path
 
-from launcher import ROOT, ServerProcess, python_env, start_server, stop_on_signals, stop_process
+from launcher import (
+    ROOT,
+    ServerProcess,
+    python_env,
+    run_event_loop,
+    start_server,
+    stop_on_signals,
+    stop_process,
+)
 
 DEFAULT_PORTS = {"gateway": 9001, "events": 9002, "feed": 9010}
 
@@ -161,11 +169,7 @@ class Demo:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        from uvloop import run
-    except ImportError:
-        from asyncio import run  # type: ignore[assignment]
-    try:
-        return run(Demo(args).run())
+        return run_event_loop(Demo(args).run())
     except RuntimeError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         if not args.free_ports:

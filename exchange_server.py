@@ -57,7 +57,7 @@ import sys
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from decimal import Decimal
 from enum import Enum
 from pathlib import Path
@@ -84,7 +84,7 @@ from journal import (
     write_snapshot,
 )
 from latency import DelayStream, LatencyModel
-from launcher import stop_on_signals
+from launcher import run_event_loop, stop_on_signals
 from lockstep import DEFAULT_STEP_MS, DEFAULT_STEP_TIMEOUT_MS, Lockstep, SimClock
 from models import (
     PROTOCOL_VERSION,
@@ -1180,14 +1180,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_loop(main: Coroutine[Any, Any, None]) -> None:
-    try:
-        import uvloop  # optional: a faster event loop
-    except ImportError:
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
-
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -1237,7 +1229,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     gc.freeze()
     try:
-        run_loop(run(args, exchange))
+        run_event_loop(run(args, exchange))
     except OSError as exc:
         log.error("cannot serve: %s", exc)
         return 1

@@ -48,7 +48,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.protocol import State
 
-from launcher import stop_on_signals
+from launcher import run_event_loop, stop_on_signals
 from models import ProtocolError, RejectCode
 
 logger = logging.getLogger("market_data")
@@ -1092,18 +1092,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level != "DEBUG":
         logging.getLogger("websockets").setLevel(logging.WARNING)  # per-connection chatter
-    try:
-        import uvloop
-    except ImportError:
-        runner: Any = asyncio.run
-    else:
-        runner = uvloop.run
     # what is loaded now lives as long as the process: spare it the collector's full
     # passes, which would stall every subscriber's fan-out for milliseconds
     gc.collect()
     gc.freeze()
     try:
-        runner(run(args))
+        run_event_loop(run(args))
     except OSError as exc:
         logger.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
         return 1
