@@ -113,6 +113,7 @@ from models import (
     Trade,
     TraderStatusChanged,
     event_to_dict,
+    parse_admin,
     parse_request,
 )
 from orderbook import Order
@@ -968,12 +969,37 @@ class Exchange:
         log.info("event consumer connected from %s at seq %d%s", ws.remote_address, self.seq,
                  " (batched)" if batched else "")
         try:
-            async for _ in ws:
-                pass  # consumers send nothing; reading only keeps the close handshake going
+            async for frame in ws:
+                self.on_admin(ws, frame)
         except ConnectionClosed:
             pass
         finally:
             consumers.pop(ws, None)
+
+    def on_admin(self, ws: ServerConnection, frame: str | bytes) -> None:
+        """A trusted consumer opens or closes markets: an input like any other, sequenced
+        and journaled; the consumer then gets ``admin_ack`` with every market's state."""
+        try:
+            command = parse_admin(orjson.loads(frame))
+            if command.symbol is not None and command.symbol not in self.engine.books:
+                raise ProtocolError(RejectCode.UNKNOWN_SYMBOL,
+                                    f"unknown symbol {command.symbol!r}")
+        except orjson.JSONDecodeError as exc:
+            self._admin_reply(ws, {"type": "error", "code": RejectCode.BAD_JSON.value,
+                                   "message": f"not valid JSON: {exc}"})
+            return
+        except ProtocolError as exc:
+            self._admin_reply(ws, {"type": "error", "code": exc.code.value,
+                                   "message": exc.message})
+            return
+        log.info("admin: %s %s", "opening" if command.is_open else "closing",
+                 command.symbol or "every symbol")
+        self.submit(command)
+        self._admin_reply(ws, {"type": "admin_ack", "seq": self.seq,
+                               "market_open": dict(self.engine.market_open)})
+
+    def _admin_reply(self, ws: ServerConnection, message: dict[str, Any]) -> None:
+        self._out(self.to_consumers, (ws,), orjson.dumps(message))
 
     # ================================================================= telemetry
 

@@ -558,6 +558,20 @@ def parse_request(msg: Any, trader_id: str | None,
     return _PARSERS[kind](msg, trader_id, default_symbol)
 
 
+def parse_admin(msg: Any) -> SetMarketOpen:
+    """A message from a trusted consumer of the internal event stream: today only
+    ``set_market_open`` (``is_open`` required; no ``symbol``: every symbol)."""
+    if not isinstance(msg, dict):
+        raise ProtocolError(RejectCode.BAD_JSON, "a message must be a JSON object")
+    kind = msg.get("type")
+    if kind != "set_market_open":
+        raise ProtocolError(RejectCode.UNKNOWN_TYPE, f"unknown message type {kind!r} on the "
+                            "event stream: it takes only 'set_market_open'")
+    if "is_open" not in msg:
+        raise _invalid("is_open", "is required (true to open, false to close)")
+    return SetMarketOpen(_bool(msg, "is_open", None), _symbol(msg, None, None, required=False))
+
+
 def _parse_cancel(msg: dict[str, Any], trader_id: str, _default: str | None) -> CancelOrder:
     order_id, client_order_id, _ = _order_ref(msg)
     return CancelOrder(trader_id, order_id, client_order_id)
