@@ -60,6 +60,7 @@ DEFAULT_DEPTH = 10
 MAX_DEPTH = 1000
 CHANNELS = ("book", "trades", "leaderboard", "orders")
 DEFAULT_CHANNELS = frozenset({"book", "trades", "leaderboard"})
+SYMBOL_CHANNELS = frozenset({"book", "trades", "orders"})  # the per-symbol channels
 SUBSCRIBE_FIELDS = ("type", "channels", "symbols", "depth", "batch")
 MAX_SYMBOL_LEN = 32
 DEFAULT_MAX_BACKLOG_BYTES = 1 << 20
@@ -649,9 +650,12 @@ class Relay:
         self._trade_index: dict[str, list[ViewFeed]] = {}
         self._order_index: dict[str, list[ViewFeed]] = {}
         self._leaderboard_feeds: list[ViewFeed] = []
+        self._symbol_feeds: dict[str, list[ViewFeed]] = {}  # any channel of the symbol
         self._feed_list: tuple[ViewFeed, ...] = ()
+        self.market_open: dict[str, bool] = {}  # a symbol an admin closed is False
         self._handlers = {"book_changed": self._on_book_changed, "trade": self._on_trade,
-                          "leaderboard": self._on_leaderboard}
+                          "leaderboard": self._on_leaderboard,
+                          "market_status_changed": self._on_market_status}
 
     # ------------------------------------------------------------ subscribers
 
@@ -775,10 +779,13 @@ class Relay:
         trades: dict[str, list[ViewFeed]] = {}
         orders: dict[str, list[ViewFeed]] = {}
         leaderboard: list[ViewFeed] = []
+        by_symbol: dict[str, list[ViewFeed]] = {}
         for view, feed in self.feeds.items():
             for symbol in self.books:
                 if not view.wants(symbol):
                     continue
+                if view.channels & SYMBOL_CHANNELS:
+                    by_symbol.setdefault(symbol, []).append(feed)
                 if "book" in view.channels:
                     books.setdefault(symbol, {}).setdefault(view.depth, []).append(feed)
                 if "trades" in view.channels:
@@ -789,6 +796,7 @@ class Relay:
                 leaderboard.append(feed)
         self._book_index, self._trade_index, self._order_index = books, trades, orders
         self._leaderboard_feeds = leaderboard
+        self._symbol_feeds = by_symbol
         self._feed_list = tuple(self.feeds.values())
 
     # ------------------------------------------------------------ snapshots
@@ -810,6 +818,8 @@ class Relay:
                 out.append(self._book_snapshot(symbol, view.depth))
             if "orders" in view.channels:
                 out.append(self._orders_snapshot(symbol))
+            if not self.market_open.get(symbol, True) and view.channels & SYMBOL_CHANNELS:
+                out.append(self._market_status(symbol, self.seq))
         if "leaderboard" in view.channels and self.last_leaderboard is not None:
             out.append(self.last_leaderboard)
         return out
@@ -844,6 +854,8 @@ class Relay:
         symbols = [i["symbol"] for i in msg.get("instruments", [])]
         symbols += [s for s in books if s not in symbols]
         self.books = {s: BookReplica.from_snapshot(s, books.get(s, {})) for s in symbols}
+        self.market_open = {s: bool(is_open)
+                            for s, is_open in (msg.get("market_open") or {}).items()}
         self.symbols = symbols
         self.seq = msg["seq"]
         self.live = True
@@ -920,6 +932,17 @@ class Relay:
             {"type": "leaderboard", "seq": seq, "ts": msg["ts"], "rows": msg["rows"]})
         for feed in self._leaderboard_feeds:
             feed.append(data)
+
+    def _on_market_status(self, msg: dict[str, Any], seq: int) -> None:
+        symbol = msg["symbol"]
+        self.market_open[symbol] = bool(msg["is_open"])
+        data = self._market_status(symbol, seq)
+        for feed in self._symbol_feeds.get(symbol, ()):
+            feed.append(data)
+
+    def _market_status(self, symbol: str, seq: int) -> bytes:
+        return orjson.dumps({"type": "market_status", "symbol": symbol, "seq": seq,
+                             "is_open": self.market_open.get(symbol, True)})
 
     def set_online(self) -> None:
         if not self.online:

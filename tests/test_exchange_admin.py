@@ -8,7 +8,14 @@ from typing import Any
 
 import pytest
 
-from tests.stack import Client, connected, logged_in, run_to_exit, running_exchange
+from tests.stack import (
+    Client,
+    connected,
+    logged_in,
+    run_to_exit,
+    running_exchange,
+    running_relay,
+)
 
 
 def order(cid: str, side: str, price: int, qty: int = 1) -> dict[str, Any]:
@@ -59,6 +66,29 @@ async def test_a_halt_is_a_sequenced_journaled_input(tmp_path: Path) -> None:
             "SIM", False, first["seq"] + 1)
     async with running_exchange(tmp_path) as again, connected(again.uris["events"]) as stream:
         assert (await stream.recv())["market_open"] == {"SIM": False}  # recovered
+
+
+async def test_the_feed_announces_a_halt_to_subscribers_old_and_new(tmp_path: Path) -> None:
+    def is_status(message: dict[str, Any]) -> bool:
+        return message.get("type") == "market_status"
+
+    async with running_exchange(tmp_path) as ex, running_relay(ex.uris["events"]) as relay, \
+            connected(relay.uris["feed"]) as early, connected(ex.uris["events"]) as stream:
+        await early.recv_type("book_snapshot")
+        await stream.recv()
+        ack = await admin(stream, {"type": "set_market_open", "symbol": "SIM",
+                                   "is_open": False})
+        closed = await early.recv_until(is_status)
+        assert closed == {"type": "market_status", "symbol": "SIM", "seq": ack["seq"],
+                          "is_open": False}
+        async with connected(relay.uris["feed"]) as late:
+            snapshot = await late.recv_type("book_snapshot")
+            status = await late.recv()  # right after the book it qualifies
+            assert status == {"type": "market_status", "symbol": "SIM",
+                              "seq": snapshot["seq"], "is_open": False}
+        await admin(stream, {"type": "set_market_open", "is_open": True})
+        reopened = await early.recv_until(is_status)
+        assert (reopened["symbol"], reopened["is_open"]) == ("SIM", True)
 
 
 @pytest.mark.parametrize(("frame", "code"), [
