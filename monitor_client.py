@@ -57,6 +57,7 @@ class FeedState:
         self.books: dict[str, dict[str, Any]] = {}  # symbol -> seq, bids, asks (price->qty)
         self.trades: deque[dict[str, Any]] = deque(maxlen=max_trades)  # newest last
         self.leaderboard: dict[str, Any] | None = None
+        self.closed: set[str] = set()  # symbols an admin has halted (market_status)
         self.last_error: dict[str, Any] | None = None
         self.messages = 0
         self.pongs = 0
@@ -88,6 +89,11 @@ class FeedState:
             self.leaderboard = msg
         elif kind == "status":
             self.status = msg["exchange"]
+        elif kind == "market_status":
+            if msg["is_open"]:
+                self.closed.discard(msg["symbol"])
+            else:
+                self.closed.add(msg["symbol"])
         elif kind == "error":
             self.last_error = msg
             logger.warning("feed error %s: %s", msg.get("code"), msg.get("message"))
@@ -143,6 +149,7 @@ class FeedState:
                       for symbol in self.symbols()},
             "trades": list(self.trades),
             "leaderboard": self.leaderboard,
+            "closed_markets": sorted(self.closed),
         }
 
 
@@ -187,7 +194,8 @@ def format_text(state: FeedState, depth: int) -> str:
     """A plain-text rendering of a snapshot, for ``--once`` without ``--json``."""
     lines = [f"exchange: {state.status or 'unknown'}"]
     for symbol in state.symbols():
-        lines.append(f"{symbol}  {'bid qty':>9} {'bid':>8} | {'ask':<8} {'ask qty':<9}")
+        lines.append(f"{symbol}  {'bid qty':>9} {'bid':>8} | {'ask':<8} {'ask qty':<9}"
+                     + ("  CLOSED" if symbol in state.closed else ""))
         bids, asks = state.depth(symbol, "bids", depth), state.depth(symbol, "asks", depth)
         for i in range(max(len(bids), len(asks))):
             bid = bids[i] if i < len(bids) else ["", ""]
@@ -352,7 +360,8 @@ class MonitorApp(App[None]):
             return
         self.query_one("#status", Static).update(
             f"feed {self.uri}: {self.connection} | exchange: {self.exchange} | "
-            f"{self.rate:,.0f} msg/s | symbol: {self.symbol or '-'} (n: next)")
+            f"{self.rate:,.0f} msg/s | symbol: {self.symbol or '-'}"
+            f"{' CLOSED' if self.symbol in self.state.closed else ''} (n: next)")
 
     def paint(self) -> None:
         """Redraw the tables from ``state``."""

@@ -73,9 +73,22 @@ def test_to_json_and_text_rendering() -> None:
         "status": "online",
         "books": {s: {"seq": seq, "bids": [[9999, 5], [9998, 7]],
                       "asks": [[10001, 3], [10003, 4]]} for s, seq in (("ALT", 12), ("SIM", 10))},
-        "trades": [], "leaderboard": None}
+        "trades": [], "leaderboard": None, "closed_markets": []}
     text = format_text(state, 10)
     assert "exchange: online" in text and "9999" in text and "10003" in text
+    assert "CLOSED" not in text
+
+
+def test_a_halted_symbol_is_shown_until_it_reopens() -> None:
+    state = FeedState()
+    state.apply_frame([snapshot("SIM"), snapshot("ALT", 12),
+                       {"type": "market_status", "symbol": "SIM", "seq": 13, "is_open": False}],
+                      0.0)
+    assert state.to_json()["closed_markets"] == ["SIM"]
+    text = format_text(state, 10)
+    assert "SIM" in text and text.count("CLOSED") == 1
+    state.apply({"type": "market_status", "symbol": "SIM", "seq": 14, "is_open": True}, 0.0)
+    assert state.closed == set() and "CLOSED" not in format_text(state, 10)
 
 
 def test_a_malformed_message_is_counted_and_skipped() -> None:
