@@ -24,13 +24,13 @@ Lockstep mode (``--clock sim``, ``lockstep.py``): the timestamp is simulated tim
 applied in canonical order (trader id, then the trader's own order) through the same
 path; the leaderboard and performance timers run on simulated time.
 
-Group commit (``--journal-flush batch``, the default): the inputs of an event-loop turn
-(or of up to ``SYNC_INTERVAL_S``, since an fsync costs ~100 us of CPU here) are written
-to the journal in one system call and fsynced on a helper thread while the loop goes on
-applying the next inputs; the group's messages and rows are released when its fsync
-returns. So nothing acknowledged is ever lost, and a crash loses at most the
-unacknowledged inputs of two groups (the one being synced and the open one, which is
-committed synchronously when it reaches ``MAX_GROUP`` inputs).
+Group commit (``--journal-flush batch``, the default): each event-loop turn's inputs are
+written to the journal in one system call, and a helper thread fdatasyncs whatever has
+been written since its last fsync, back to back while inputs keep coming, while the loop
+goes on applying the next inputs; a group's messages and rows are released when an fsync
+covering it returns. So nothing acknowledged is ever lost, and a crash loses at most
+unacknowledged inputs: those written but not yet synced (at most ``MAX_GROUP``: past
+that the loop waits for the disk itself).
 
 Private messages beyond PROTOCOL.md's core (for API_SPEC.md):
 - ``trader_status`` ``{status, ts, seq}``: the trader's margin status changed
@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import gc
 import hmac
@@ -54,6 +55,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import urllib.parse
 from collections import deque
@@ -131,8 +133,7 @@ FLUSH_BYTES = 64 * 1024  # a peer's frames are written at once when this much is
 SHUTDOWN_TIMEOUT_S = 5.0
 TOO_SLOW = (1008, "too slow")
 DEFAULT_SNAPSHOT_EVERY = 100_000  # inputs: bounds recovery to about a second of replay
-MAX_GROUP = 4096  # inputs one commit group may hold before it is committed at once
-SYNC_INTERVAL_S = 0.001  # batch: fsyncs start at least this far apart (the group window)
+MAX_GROUP = 4096  # batch: inputs written but not yet fsynced before the loop waits for it
 # interval: the longest acked inputs stay in the OS cache only. Each background fsync
 # costs the loop time too (measured in-process, one input per turn: +25 us per input at
 # 10 ms, +6 us at 50 ms); PostgreSQL's asynchronous commit flushes every 200 ms and
@@ -347,14 +348,98 @@ def exit_on_journal_failure(exc: BaseException) -> None:
 class HeldGroup:
     """What a group of inputs caused, held until the journal holds those inputs."""
 
-    __slots__ = ("future", "messages", "performance", "through", "trades")
+    __slots__ = ("messages", "performance", "through", "trades")
 
     def __init__(self) -> None:
         self.through = 0  # the last input whose outputs it holds (set when it is cut)
         self.messages: list[tuple[Outbound, tuple[ServerConnection, ...], bytes]] = []
         self.trades: list[bytes] = []  # trades.csv rows
         self.performance: list[bytes] = []  # performance.csv rows
-        self.future: asyncio.Future[None] | None = None  # its fsync, once started
+
+
+class JournalFlusher:
+    """``batch``'s fsyncs, on one helper thread: whenever the loop has written inputs the
+    last fsync did not cover, the thread fdatasyncs and tells the loop how far the journal
+    is durable. Under load it syncs back to back without waiting to be woken, and the
+    loop never waits for it: each step costs the loop one lock and, on the way back, one
+    ``call_soon_threadsafe``. (A pool future per fsync, started from the loop after the
+    previous one's completion had gone through the loop, cost a thread wake-up and two
+    loop turns per group: a millisecond and more on a busy machine.)"""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_durable: Callable[[int], None],
+                 on_failed: Callable[[BaseException], None]) -> None:
+        self._loop = loop
+        self._on_durable = on_durable
+        self._on_failed = on_failed
+        self._cond = threading.Condition(threading.Lock())
+        self._journal: JournalWriter | None = None
+        self._wanted = 0  # the last input written, which the loop wants durable
+        self._synced = 0  # the last input known durable
+        self._busy = False  # an fsync is running
+        self._stopping = False
+        self.syncs = 0
+        self._thread = threading.Thread(target=self._run, name="journal-sync", daemon=True)
+        self._thread.start()
+
+    def request(self, journal: JournalWriter, through: int) -> None:
+        """Inputs up to ``through`` are written to ``journal``: make them durable."""
+        with self._cond:
+            self._journal = journal
+            if through > self._wanted:
+                self._wanted = through
+                if not self._busy:
+                    self._cond.notify()
+
+    def pause(self) -> None:
+        """Wait out a running fsync and hold the thread until ``resume``: the loop then
+        writes and syncs itself (and may switch segments) with no fsync in flight."""
+        self._cond.acquire()
+        while self._busy:
+            self._cond.wait()
+
+    def resume(self, durable: int) -> None:
+        """End ``pause``; the loop made everything up to ``durable`` durable itself."""
+        self._synced = max(self._synced, durable)
+        self._wanted = max(self._wanted, durable)
+        self._cond.release()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(SHUTDOWN_TIMEOUT_S)
+
+    def _run(self) -> None:
+        cond = self._cond
+        while True:
+            with cond:
+                while self._wanted <= self._synced and not self._stopping:
+                    cond.wait()
+                if self._stopping:
+                    return
+                # everything up to `wanted` was written before it was requested
+                through, journal = self._wanted, self._journal
+                self._busy = True
+            try:
+                assert journal is not None
+                journal.sync()
+            except BaseException as exc:  # fail-stop: nothing after this is acknowledged
+                with cond:
+                    self._busy = False
+                    self._stopping = True
+                    cond.notify_all()
+                self._tell(self._on_failed, exc)
+                return
+            with cond:
+                self._busy = False
+                self.syncs += 1
+                self._synced = max(self._synced, through)
+                cond.notify_all()  # a pause() waiting for this fsync
+            self._tell(self._on_durable, through)
+
+    def _tell(self, callback: Callable[[Any], None], arg: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
+            self._loop.call_soon_threadsafe(callback, arg)
 
 
 class CommitQueue:
@@ -370,21 +455,29 @@ class CommitQueue:
         self.policy = policy
         self.sync_interval_s = sync_interval_s  # interval: the background fsync's period
         self.telemetry = telemetry
-        self.max_group = max_group
+        self.max_group = max_group  # batch: written but unsynced inputs before we wait
         self.open = HeldGroup()  # collecting this turn's outputs
-        self.syncing: HeldGroup | None = None  # written, its fsync running on the thread
+        self.held: deque[HeldGroup] = deque()  # batch: cut, waiting for their fsync
+        self.durable = journal.written_number  # the last input known to be fsynced
         self.on_fatal: Callable[[BaseException], None] = exit_on_journal_failure
         self.on_idle: Callable[[], None] | None = None  # between groups: snapshots
         self.csv_failed = False
         self.closed = False
         self._scheduled = False
         self._last_sync = 0.0  # when the last background fsync started (monotonic)
-        self.syncs = 0  # fsyncs so far (inputs / syncs: the mean group size)
+        self._syncs = 0  # fsyncs run by the loop and the interval thread
+        self._flusher: JournalFlusher | None = None  # batch: started on the first group
+        self._settled: list[asyncio.Future[None]] = []
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         # interval: the background fsync running now, and the timer that starts the next
         self._background: concurrent.futures.Future[None] | None = None
         self._sync_timer: asyncio.TimerHandle | None = None
         self._unsynced = False  # written since the last background fsync started
+
+    @property
+    def syncs(self) -> int:
+        """fsyncs so far (inputs / syncs: the mean group size)."""
+        return self._syncs + (self._flusher.syncs if self._flusher is not None else 0)
 
     def hold(self, outbound: Outbound, peers: Iterable[ServerConnection], data: bytes) -> None:
         # the peers are fixed now: a consumer that connects later must not get this
@@ -407,8 +500,8 @@ class CommitQueue:
         asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
-        """End of a loop turn: write the turn's records and start their fsync; the
-        turn's outputs go out when it returns (at once with ``off``)."""
+        """End of a loop turn: write the turn's records; with ``batch`` the turn's outputs
+        go out when an fsync covering them returns (at once with ``off``)."""
         self._scheduled = False
         if self.closed:  # shutdown committed everything; late replies just go out
             self.release(self._cut())
@@ -416,24 +509,50 @@ class CommitQueue:
         if self.policy is FlushPolicy.INTERVAL:
             self._flush_interval()
             return
-        if self.syncing is not None:
-            if self.journal.pending >= self.max_group:
-                self.commit_now()  # bound what a crash can take: no group grows past this
-            return  # otherwise the running fsync's completion starts the next group
         if self.on_idle is not None:
             self.on_idle()
-        if self.policy is FlushPolicy.BATCH and self.journal.pending:
-            wait = self._last_sync + SYNC_INTERVAL_S - time.monotonic()
-            if wait > 0:  # an fsync costs ~100 us of CPU: let a few more inputs share it
-                self._scheduled = True
-                asyncio.get_running_loop().call_later(wait, self.flush)
-                return
         written = self._write()
         group = self._cut()
-        if written and self.policy is FlushPolicy.BATCH:
-            self._start_sync(group)
-        else:
-            self.release(group)
+        if self.policy is not FlushPolicy.BATCH or \
+                (not self.held and group.through <= self.durable):
+            self.release(group)  # nothing it waits for is still unsynced
+            return
+        self.held.append(group)
+        if self.journal.written_number - self.durable >= self.max_group:
+            self.commit_now()  # bound what a crash can take: wait for the disk now
+        elif written:
+            if self._flusher is None:
+                self._flusher = JournalFlusher(asyncio.get_running_loop(), self._durable,
+                                               self._flusher_failed)
+            self._flusher.request(self.journal, self.journal.written_number)
+
+    def _durable(self, through: int) -> None:
+        """The flusher's fsync covered every input up to ``through``."""
+        if through > self.durable:
+            self.durable = through
+        held = self.held
+        while held and held[0].through <= self.durable:
+            self.release(held.popleft())
+        if not held:
+            self._wake_settled()
+
+    def _flusher_failed(self, exc: BaseException) -> None:
+        if not self.closed:
+            self.on_fatal(exc)
+
+    def settled(self) -> asyncio.Future[None]:
+        """Done when no output is held for an fsync any more (tests, shutdown)."""
+        future = asyncio.get_running_loop().create_future()
+        self._settled.append(future)
+        if not self.held:
+            self._wake_settled()
+        return future
+
+    def _wake_settled(self) -> None:
+        waiters, self._settled = self._settled, []
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)
 
     def _flush_interval(self) -> None:
         """``interval``: the turn's records are written (so a killed process loses
@@ -456,7 +575,7 @@ class CommitQueue:
         if self.closed or not self._unsynced:
             return
         self._unsynced = False
-        self.syncs += 1
+        self._syncs += 1
         self._last_sync = time.monotonic()
         self._background = self._thread().submit(self.journal.sync)
         asyncio.wrap_future(self._background).add_done_callback(self._background_synced)
@@ -476,48 +595,37 @@ class CommitQueue:
                 1, thread_name_prefix="journal-sync")
         return self._executor
 
-    def _start_sync(self, group: HeldGroup) -> None:
-        self.syncing = group
-        self.syncs += 1
-        self._last_sync = time.monotonic()
-        group.future = asyncio.get_running_loop().run_in_executor(self._thread(),
-                                                                  self.journal.sync)
-        group.future.add_done_callback(self._synced)
-
-    def _synced(self, future: asyncio.Future[None]) -> None:
-        group = self.syncing
-        if group is None or group.future is not future:
-            return  # commit_now made it durable and released it already
-        self.syncing = None
-        exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
-        if exc is not None:
-            self.on_fatal(exc)
-            return
-        self.release(group)
-        self.flush()  # the next group has been collecting meanwhile
-
     def commit_now(self, force_sync: bool = False) -> None:
         """Make everything journaled so far durable and release every held output, now
-        (each input with ``every``; shutdown; snapshots, which always fsync)."""
-        in_flight, self.syncing = self.syncing, None
+        (each input with ``every``; a group at its bound; shutdown; snapshots, which
+        always fsync)."""
         if self._background is not None:  # a segment may be closed after this returns
             try:
                 self._background.result()
             except OSError as exc:
                 self.on_fatal(exc)
                 raise
-        written = self._write()
-        if (written or in_flight is not None or force_sync) and \
-                (force_sync or self.policy is not FlushPolicy.OFF):
-            try:
-                self.syncs += 1
-                self.journal.sync()  # covers an in-flight group's bytes too
-            except OSError as exc:
-                self.on_fatal(exc)
-                raise
-        if in_flight is not None:
-            self.release(in_flight)
+        flusher = self._flusher
+        if flusher is not None:
+            flusher.pause()  # no fsync in flight, none starting, until resume
+        try:
+            written = self._write()
+            if force_sync or (self.policy is not FlushPolicy.OFF and
+                              (written or self.journal.written_number > self.durable)):
+                self._syncs += 1
+                self.journal.sync()  # covers what the flusher has not synced yet too
+                self.durable = self.journal.written_number
+        except OSError as exc:
+            self.on_fatal(exc)
+            raise
+        finally:
+            if flusher is not None:
+                flusher.resume(self.durable)
+        held = self.held
+        while held:
+            self.release(held.popleft())
         self.release(self._cut())
+        self._wake_settled()
 
     def _cut(self) -> HeldGroup:
         group, self.open = self.open, HeldGroup()
@@ -553,9 +661,11 @@ class CommitQueue:
             self.csv_failed = True
 
     def close(self) -> None:
-        """Commit everything, stop the fsync thread and close the journal."""
+        """Commit everything, stop the fsync threads and close the journal."""
         self.commit_now(force_sync=True)
         self.closed = True
+        if self._flusher is not None:
+            self._flusher.stop()
         if self._sync_timer is not None:
             self._sync_timer.cancel()
         if self._executor is not None:

@@ -83,8 +83,8 @@ TARGET_RATIO_32 = 0.5
 TARGET_P99_MS = 2.0  # at the paced rate
 CLIENT_COUNTS = (1, 8, 32)
 # Exchange configurations that can be measured side by side; the first one measured
-# gives the headline figure. "default" is the exchange as shipped (journal on, one
-# fsync per event-loop turn that replies wait for).
+# gives the headline figure. "default" is the exchange as shipped (journal on, group
+# commit: replies wait for the fsync that covers their input).
 EXCHANGE_VARIANTS: dict[str, list[str]] = {
     "default": [],
     "no-journal": ["--no-journal"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -52,9 +53,7 @@ async def settle(exchange: Exchange) -> None:
     commits = exchange.commits
     assert commits is not None
     commits.flush()
-    while commits.syncing is not None:
-        assert commits.syncing.future is not None
-        await asyncio.wait_for(asyncio.shield(commits.syncing.future), SYNC_TIMEOUT_S)
+    await asyncio.wait_for(commits.settled(), SYNC_TIMEOUT_S)
 
 
 def rejects(exchange: Exchange, command: NewOrder) -> list[RejectCode]:
@@ -311,10 +310,114 @@ async def test_a_group_never_grows_past_its_bound(tmp_path: Path) -> None:
     commits.max_group = 3
     exchange.submit(limit("alice", "a0", SELL, 1, 10010))
     commits.flush()
-    assert commits.syncing is not None  # the first group's fsync is running
+    assert len(commits.held) == 1  # its fsync is on the helper thread
     for i in range(1, 4):
         exchange.submit(limit("alice", f"a{i}", SELL, 1, 10010 + i))
-    commits.flush()  # the open group reached the bound: committed at once, not queued
-    assert commits.syncing is None and commits.journal.pending == 0
+    commits.flush()  # four inputs unsynced, past the bound: committed at once, not queued
+    assert not commits.held and commits.durable == 4 and commits.journal.pending == 0
     assert [e.number for e in JournalReader(journal_dir(tmp_path)).entries()] == [1, 2, 3, 4]
     crash(exchange)
+
+
+class GatedSync:
+    """``JournalWriter.sync`` that holds each fsync until the test opens its gate, and
+    records what each covered and whether two ever ran at once."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.real = JournalWriter.sync
+        self.gate = threading.Event()
+        self.started = threading.Semaphore(0)
+        self.covered: list[int] = []
+        self.running = 0
+        self.overlapped = False
+        monkeypatch.setattr(JournalWriter, "sync",
+                            lambda journal: self.sync(journal))  # type: ignore[misc]
+
+    def sync(self, journal: JournalWriter) -> None:
+        self.running += 1
+        self.overlapped |= self.running > 1
+        through = journal.written_number  # what this fsync covers, read before it runs
+        self.started.release()
+        try:
+            assert self.gate.wait(SYNC_TIMEOUT_S), "the test never opened the gate"
+            self.real(journal)
+        finally:
+            self.running -= 1
+        self.covered.append(through)
+
+    async def wait_started(self) -> None:
+        assert await asyncio.to_thread(self.started.acquire, True, SYNC_TIMEOUT_S)
+
+
+async def test_batch_syncs_what_arrived_during_an_fsync_right_after_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gated = GatedSync(monkeypatch)
+    exchange = start(tmp_path, config(), FlushPolicy.BATCH)
+    commits = exchange.commits
+    assert commits is not None
+    trades_csv = tmp_path / "trades.csv"
+    header_only = trades_csv.read_bytes()
+    exchange.submit(limit("alice", "a1", SELL, 5, 10010))
+    commits.flush()
+    await gated.wait_started()  # input 1's fsync is running on the helper thread
+    exchange.submit(limit("bob", "b1", BUY, 5, 10010))  # a trade: a trades.csv row
+    commits.flush()  # written now; its fsync has to wait for the running one
+    assert commits.held[-1].through == 2 and trades_csv.read_bytes() == header_only
+    gated.gate.set()
+    await asyncio.wait_for(commits.settled(), SYNC_TIMEOUT_S)
+    # the second fsync followed the first without the loop asking again
+    assert gated.covered == [1, 2] and commits.durable == 2 and not gated.overlapped
+    assert trades_csv.read_bytes().count(b"\n") == 2  # header and the trade
+    crash(exchange)
+
+
+async def test_a_snapshot_waits_out_the_running_fsync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gated = GatedSync(monkeypatch)
+    exchange = start(tmp_path, config(), FlushPolicy.BATCH)
+    commits = exchange.commits
+    assert commits is not None
+    exchange.submit(limit("alice", "a1", SELL, 5, 10010))
+    commits.flush()
+    await gated.wait_started()
+    exchange.submit(limit("bob", "b1", BUY, 2, 10010))
+    # the snapshot switches segments: it must not close the one being synced, nor sync
+    # alongside it; the gate opens a little later, from another thread
+    opener = threading.Timer(0.05, gated.gate.set)
+    opener.start()
+    exchange.snapshot_now()
+    opener.join()
+    assert not gated.overlapped and gated.covered[0] == 1 and gated.covered[-1] == 2
+    assert not commits.held and commits.durable == 2
+    assert [first for first, _ in list_segments(journal_dir(tmp_path))] == [1, 3]
+    exchange.submit(limit("carol", "c1", BUY, 1, 9990))
+    commits.flush()
+    await asyncio.wait_for(commits.settled(), SYNC_TIMEOUT_S)
+    assert gated.covered[-1] == 3  # the flusher goes on in the new segment
+    crash(exchange)
+    assert [e.number for e in JournalReader(journal_dir(tmp_path)).entries()] == [1, 2, 3]
+
+
+async def test_a_failed_fsync_releases_nothing_and_stops(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    exchange = start(tmp_path, config(), FlushPolicy.BATCH)
+    commits = exchange.commits
+    assert commits is not None
+    fatal: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+    commits.on_fatal = fatal.set_result
+
+    def sync(self: JournalWriter) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(JournalWriter, "sync", sync)
+    trades_csv = tmp_path / "trades.csv"
+    header_only = trades_csv.read_bytes()
+    exchange.submit(limit("alice", "a1", SELL, 5, 10010))
+    exchange.submit(limit("bob", "b1", BUY, 5, 10010))
+    commits.flush()
+    exc = await asyncio.wait_for(fatal, SYNC_TIMEOUT_S)
+    assert isinstance(exc, OSError) and exc.errno == 5
+    assert commits.held and trades_csv.read_bytes() == header_only
+    commits.closed = True  # as the process would be: exit without committing
+    exchange.telemetry.close()
+    commits.journal.close()
