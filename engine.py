@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from config import ExchangeConfig
+from core_pickle import set_state, state_of
 from margin_risk_manager import MarginRiskManager
 from models import (
     AmendOrder,
@@ -74,6 +75,15 @@ class StopBook:
     def __init__(self) -> None:
         self.buy_stops: list[tuple[int, int, Order]] = []  # (stop, id): trigger on >= stop
         self.sell_stops: list[tuple[int, int, Order]] = []  # (-stop, id): trigger on <= stop
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see core_pickle.py
+        return ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return state_of(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        set_state(self, state)
 
     def add(self, order: Order) -> None:
         assert order.stop_price is not None
@@ -144,9 +154,19 @@ class Engine:
 
     # ================================================================= entry point
 
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see core_pickle.py
+        return (self.config,)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return state_of(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        set_state(self, state)
+
     def process(self, command: Command, ts: int) -> list[Event]:
         """Apply one command at time ``ts``; return the events it caused, in order."""
-        self._events = events = []
+        events: list[Event] = []
+        self._events = events
         self._ts = ts
         self._handlers[type(command)](command)
         if self._moved or self._triggered:
@@ -205,7 +225,7 @@ class Engine:
         """Every trader the engine has heard from, best equity first (ties by trader id);
         one that never traded stands at its initial cash."""
         marks = self.marks()
-        rows = []
+        rows: list[dict[str, Any]] = []
         for trader_id in self.traders:
             account = self.ledger.view(trader_id)
             rows.append({
@@ -317,7 +337,7 @@ class Engine:
         margin = self.margin
         if margin.enabled:
             reject = margin.check_order(trader, symbol, is_buy, cmd.qty,
-                                        self.last_prices if self._all_traded else self.marks(),
+                                        self.marks(),
                                         account)
             if reject is not None:
                 return reject
@@ -640,7 +660,7 @@ class Engine:
         """Check the traders a price move or a fill may have put below maintenance: those
         whose safe band the new mark left, those whose account changed, and those still
         being liquidated. In trader-id order, so the outcome never depends on history."""
-        marks = self.last_prices if self._all_traded else self.marks()
+        marks = self.marks()
         candidates = self._margin_dirty
         self._margin_dirty = {}
         candidates.update(self._liquidating)

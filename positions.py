@@ -12,8 +12,10 @@ and vanishes when the position is flat, so realized + unrealized is always exact
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from config import MONEY_SCALE
+from core_pickle import set_state, state_of
 
 
 def to_currency(units: int) -> float:
@@ -30,6 +32,15 @@ class Position:
         self.realized = 0  # money units, net of fees
         self.fees = 0  # money units paid (negative: rebates earned)
 
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see core_pickle.py
+        return ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return state_of(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        set_state(self, state)
+
     def avg_price(self) -> float:
         """Average entry price in ticks (0 when flat)."""
         return self.open_cost / self.qty if self.qty else 0.0
@@ -45,6 +56,15 @@ class Account:
         self.trader_id = trader_id
         self.cash = cash
         self.positions: dict[str, Position] = {}
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see core_pickle.py
+        return (self.trader_id, self.cash)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return state_of(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        set_state(self, state)
 
     def position(self, symbol: str) -> Position:
         position = self.positions.get(symbol)
@@ -76,6 +96,15 @@ class Ledger:
         self.tick_values = tick_values
         self.accounts: dict[str, Account] = {}
         self.fee_income = 0  # money units; cash + fee_income over all accounts is conserved
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see core_pickle.py
+        return (self.initial_cash, self.tick_values)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return state_of(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        set_state(self, state)
 
     def account(self, trader_id: str) -> Account:
         """The trader's account, opened on first use (only fills open accounts)."""

@@ -7,9 +7,10 @@ command's ``ts`` (microseconds), never from a clock.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from config import RiskConfig
+from core_pickle import set_state, state_of
 from models import RejectCode, TraderStatus
 
 if TYPE_CHECKING:
@@ -34,6 +35,15 @@ class TraderState:
         self.rate_ts: int | None = None
         self.status = TraderStatus.OK
 
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see core_pickle.py
+        return (self.trader_id, 0)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return state_of(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        set_state(self, state)
+
     def open_qty(self, symbol: str) -> list[int]:
         exposure = self.exposure.get(symbol)
         if exposure is None:
@@ -50,6 +60,15 @@ class RiskManager:
         self._capacity = config.rate_limit_burst * _TOKEN
         # nano-messages per microsecond: exact for rates given to a thousandth per second
         self._refill_per_us = round(config.rate_limit_per_sec * 1_000)
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see core_pickle.py
+        return (RiskConfig(),)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return state_of(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        set_state(self, state)
 
     def new_trader(self, trader_id: str) -> TraderState:
         return TraderState(trader_id, self.burst)
