@@ -102,7 +102,7 @@ def compiled_files(root: Path = ROOT) -> tuple[dict[str, Path] | None, str]:
     missing = [str(path) for path in files.values() if not path.is_file()]
     if missing or set(CORE_MODULES) - set(files):
         return None, f"incomplete build in {directory}"
-    return files, "compiled"
+    return files, "fresh: matches its sources"
 
 
 def install(root: Path = ROOT) -> str:
@@ -196,9 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("status", help="print which core this interpreter loads, and why")
     args = parser.parse_args(argv)
     if args.command == "status":
-        _, why = compiled_files()
-        loaded = install()
-        print(f"matching core: {implementation()} ({loaded}); build: {why}")
+        _, build_state = compiled_files()
+        install()
+        print(f"matching core: {implementation()}\nbuild: {build_state}")
         return 0
     try:
         directory = build()
