@@ -18,14 +18,14 @@ import hashlib
 import heapq
 from collections import deque
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from mypy_extensions import mypyc_attr
 
 from core_pickle import set_state, state_of
 from models import OrderType, Side, StpMode, TimeInForce
 
-_BUY_SIDE = Side.BUY  # a global read is much cheaper than an enum member lookup
+_BUY_SIDE: Final = Side.BUY  # a global read is much cheaper than an enum member lookup
 
 
 # Only the compiled build (native_core.py) reads this: an Order refers to no container,

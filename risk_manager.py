@@ -7,7 +7,7 @@ command's ``ts`` (microseconds), never from a clock.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from config import RiskConfig
 from core_pickle import set_state, state_of
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 Reject = tuple[RejectCode, str]
 
-_TOKEN = 10**9  # one message in the bucket's units: nano-messages keep refill exact
+_TOKEN: Final = 10**9  # one message in the bucket's units: nano-messages keep refill exact
 
 
 class TraderState:
