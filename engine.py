@@ -291,35 +291,39 @@ class Engine:
     # ================================================================= new orders
 
     def _new_order(self, cmd: NewOrder) -> None:
-        trader = self.traders.get(cmd.trader_id) or self.trader(cmd.trader_id)
-        reject = self._check_new_order(cmd, trader)
+        # each field read once: from compiled code (native_core.py) a field of an
+        # interpreted dataclass costs a generic attribute lookup every time
+        trader_id, symbol, side, order_type, qty, price, tif = (
+            cmd.trader_id, cmd.symbol, cmd.side, cmd.order_type, cmd.qty, cmd.price, cmd.tif)
+        trader = self.traders.get(trader_id) or self.trader(trader_id)
+        reject = self._check_new_order(cmd, trader, symbol, side is _BUY_SIDE, order_type, qty,
+                                       price)
         if reject is not None:
-            self._events.append(OrderRejected(self._ts, cmd.trader_id, cmd.client_order_id,
+            self._events.append(OrderRejected(self._ts, trader_id, cmd.client_order_id,
                                               reject[0], reject[1]))
             return
         order_id = self.next_order_id
         self.next_order_id = order_id + 1
-        symbol, price = cmd.symbol, cmd.price
-        order = Order(order_id, cmd.trader_id, cmd.client_order_id, symbol, cmd.side,
-                      cmd.order_type, price, cmd.qty, cmd.tif, cmd.post_only, cmd.stp,
-                      cmd.stop_price, self._ts)
+        stop_price = cmd.stop_price
+        order = Order(order_id, trader_id, cmd.client_order_id, symbol, side, order_type, price,
+                      qty, tif, cmd.post_only, cmd.stp, stop_price, self._ts)
         self._accept(order, trader)
-        if cmd.stop_price is not None:
+        if stop_price is not None:
             # waits for a trade printed after it arrived, even if the last one was through
             self.stop_books[symbol].add(order)
             return
         book = self.books[symbol]
-        if cmd.order_type is _LIMIT and cmd.tif is _GTC:
+        if order_type is _LIMIT and tif is _GTC:
             # the common case, a passive order, goes straight into the book
             level_qty = book.add_passive(order)
             if level_qty is not None:
-                self._events.append(BookChanged(symbol, _ADD, order_id, cmd.side, price,  # type: ignore[arg-type]
-                                                cmd.qty, level_qty))
+                self._events.append(BookChanged(symbol, _ADD, order_id, side, price,  # type: ignore[arg-type]
+                                                qty, level_qty))
                 return
         self._execute(order, book)
 
-    def _check_new_order(self, cmd: NewOrder, trader: TraderState) -> Reject | None:
-        symbol = cmd.symbol
+    def _check_new_order(self, cmd: NewOrder, trader: TraderState, symbol: str, is_buy: bool,
+                         order_type: OrderType, qty: int, price: int | None) -> Reject | None:
         book = self.books.get(symbol)
         if book is None:
             return RejectCode.UNKNOWN_SYMBOL, f"unknown symbol {symbol!r}"
@@ -330,27 +334,24 @@ class Engine:
         if cmd.client_order_id in trader.live_orders:
             return (RejectCode.DUPLICATE_CLIENT_ORDER_ID,
                     f"client_order_id {cmd.client_order_id!r} is already live")
-        is_buy = cmd.side is _BUY_SIDE
         # one account lookup serves the position limit and the margin check
         account = self.ledger.accounts.get(trader.trader_id)
         position = account.positions.get(symbol) if account is not None else None
         last = self.last_prices[symbol]
         reject = self.risk.check_new_order(
-            trader, self._ts, symbol, is_buy, cmd.qty, position.qty if position else 0,
-            cmd.price if cmd.order_type is _LIMIT else None,
+            trader, self._ts, symbol, is_buy, qty, position.qty if position else 0,
+            price if order_type is _LIMIT else None,
             self.reference_prices[symbol] if last is None else last, self.band_bps[symbol])
         if reject is not None:
             return reject
         margin = self.margin
         if margin.enabled:
-            reject = margin.check_order(trader, symbol, is_buy, cmd.qty,
-                                        self.marks(),
-                                        account)
+            reject = margin.check_order(trader, symbol, is_buy, qty, self.marks(), account)
             if reject is not None:
                 return reject
-        if cmd.post_only and book.would_cross(is_buy, cmd.price):
+        if cmd.post_only and book.would_cross(is_buy, price):
             return (RejectCode.POST_ONLY_WOULD_CROSS,
-                    f"post-only {cmd.side.value} at {cmd.price} would trade on arrival")
+                    f"post-only {cmd.side.value} at {price} would trade on arrival")
         return None
 
     def _position(self, trader_id: str, symbol: str) -> int:
