@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The matching core, compiled by mypyc from these same files (native_core.py); rebuilt
 # when one changes. Without a C compiler everything runs on the pure-Python core.
-CORE := orderbook.py engine.py positions.py risk_manager.py margin_risk_manager.py core_pickle.py
+CORE := orderbook.py engine.py positions.py risk_manager.py margin_risk_manager.py
 NATIVE := $(VENV)/.native
 # Core test suites that run a second time against the pure-Python core
 CORE_TESTS := tests/test_orderbook.py tests/test_engine.py tests/test_positions.py \

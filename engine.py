@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from config import ExchangeConfig
-from core_pickle import set_state, state_of
 from margin_risk_manager import MarginRiskManager
 from models import (
     AmendOrder,
@@ -82,15 +81,6 @@ class StopBook:
     def __init__(self) -> None:
         self.buy_stops: list[tuple[int, int, Order]] = []  # (stop, id): trigger on >= stop
         self.sell_stops: list[tuple[int, int, Order]] = []  # (-stop, id): trigger on <= stop
-
-    def __getnewargs__(self) -> tuple[Any, ...]:  # see core_pickle.py
-        return ()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return state_of(self)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        set_state(self, state)
 
     def add(self, order: Order) -> None:
         assert order.stop_price is not None
@@ -161,14 +151,8 @@ class Engine:
 
     # ================================================================= entry point
 
-    def __getnewargs__(self) -> tuple[Any, ...]:  # see core_pickle.py
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (self.config,)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return state_of(self)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        set_state(self, state)
 
     def process(self, command: Command, ts: int) -> list[Event]:
         """Apply one command at time ``ts``; return the events it caused, in order."""

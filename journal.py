@@ -89,7 +89,7 @@ _ENUMS_AT = {cls: [(i, _ENUM_FIELDS[name]) for i, name in enumerate(cls.__slots_
 # The modules whose classes a snapshot pickles: a snapshot written by other code is
 # not trusted (its objects may lack attributes the new code expects).
 _CORE_MODULES = ("engine", "orderbook", "positions", "models", "config", "risk_manager",
-                 "margin_risk_manager", "core_pickle")
+                 "margin_risk_manager")
 
 
 class JournalError(Exception):

@@ -19,7 +19,6 @@ import heapq
 from typing import Any
 
 from config import MONEY_SCALE, MarginConfig
-from core_pickle import set_state, state_of
 from models import RejectCode
 from positions import Account, Ledger, Position
 from risk_manager import Reject, TraderState
@@ -33,14 +32,8 @@ class MarginRiskManager:
         self.ledger = ledger
         self.watch = MarginWatch()
 
-    def __getnewargs__(self) -> tuple[Any, ...]:  # see core_pickle.py
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (MarginConfig(), self.ledger)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return state_of(self)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        set_state(self, state)
 
     def check_order(self, trader: TraderState, symbol: str, is_buy: bool, added_qty: int,
                     marks: dict[str, int], account: Account | None) -> Reject | None:
@@ -142,15 +135,6 @@ class MarginWatch:
         self._highs: dict[str, list[tuple[int, int, str]]] = {}  # (high edge, arming, trader)
         self._armed: dict[str, int] = {}  # trader -> its current arming number
         self._armings = 0
-
-    def __getnewargs__(self) -> tuple[Any, ...]:  # see core_pickle.py
-        return ()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return state_of(self)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        set_state(self, state)
 
     def arm(self, trader_id: str, bands: list[tuple[str, int, int]]) -> None:
         self._armings += 1

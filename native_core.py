@@ -17,6 +17,14 @@ was made from. Otherwise (a source edited since, another Python, no build, or
 core can never run in place of the code you are looking at. The Makefile rebuilds when
 a core source changes.
 
+Pickling (journal snapshots, replay): pickle rebuilds an object by calling its class's
+``__new__`` and then setting its attributes. A compiled class's ``__new__`` runs
+``__init__``, so each core class whose ``__init__`` takes arguments says what to call it
+with (``__getnewargs__``; placeholders are fine), and the attributes then overwrite
+whatever ``__init__`` made (mypyc gives every native class a ``__getstate__`` and
+``__setstate__`` over all its attributes). mypyc's ``serializable`` attribute would not
+need this, but such classes come out uninitialised when interpreted code creates them.
+
 Why a separate directory and an import hook instead of ``.so`` files next to the
 sources: the current directory comes first on ``sys.path``, and an extension module
 beats a ``.py`` file there, so an in-place build would silently shadow every later edit.
@@ -41,8 +49,7 @@ from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent
-CORE_MODULES = ("orderbook", "engine", "positions", "risk_manager", "margin_risk_manager",
-                "core_pickle")
+CORE_MODULES = ("orderbook", "engine", "positions", "risk_manager", "margin_risk_manager")
 # Interpreted, but the compiled code was type-checked against them: a change there
 # (a field's type, say) makes the build stale too
 TYPE_DEPENDENCIES = ("models", "config")

@@ -22,7 +22,6 @@ from typing import Any, Final, Protocol
 
 from mypy_extensions import mypyc_attr
 
-from core_pickle import set_state, state_of
 from models import OrderType, Side, StpMode, TimeInForce
 
 _BUY_SIDE: Final = Side.BUY  # a global read is much cheaper than an enum member lookup
@@ -60,15 +59,9 @@ class Order:
         self.ts = ts
         self.liquidation = liquidation
 
-    def __getnewargs__(self) -> tuple[Any, ...]:  # see core_pickle.py
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (self.order_id, self.trader_id, self.client_order_id, self.symbol, self.side,
                 self.order_type, self.price, self.qty)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return state_of(self)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        set_state(self, state)
 
     @property
     def filled_qty(self) -> int:
@@ -97,14 +90,8 @@ class PriceLevel:
         self.total_qty = 0
         self.live_count = 0
 
-    def __getnewargs__(self) -> tuple[Any, ...]:  # see core_pickle.py
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (self.price,)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return state_of(self)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        set_state(self, state)
 
     def live_orders(self) -> Iterator[Order]:
         return (order for order in self.orders if order.leaves_qty)
@@ -139,14 +126,8 @@ class BookSide:
         self._heap: list[int] = []  # prices, negated for bids so heap[0] is the best
         self._in_heap: set[int] = set()
 
-    def __getnewargs__(self) -> tuple[Any, ...]:  # see core_pickle.py
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (self.is_bid,)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return state_of(self)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        set_state(self, state)
 
     def best_price(self) -> int | None:
         heap, levels = self._heap, self.levels
@@ -194,14 +175,8 @@ class OrderBook:
 
     # ----------------------------------------------------------------- queries
 
-    def __getnewargs__(self) -> tuple[Any, ...]:  # see core_pickle.py
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (self.symbol,)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return state_of(self)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        set_state(self, state)
 
     def best_bid(self) -> int | None:
         return self.bids.best_price()

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from config import MONEY_SCALE
-from core_pickle import set_state, state_of
 
 
 def to_currency(units: int) -> float:
@@ -31,15 +30,6 @@ class Position:
         self.open_cost = 0  # signed ticks x lots paid for the open position
         self.realized = 0  # money units, net of fees
         self.fees = 0  # money units paid (negative: rebates earned)
-
-    def __getnewargs__(self) -> tuple[Any, ...]:  # see core_pickle.py
-        return ()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return state_of(self)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        set_state(self, state)
 
     def avg_price(self) -> float:
         """Average entry price in ticks (0 when flat)."""
@@ -57,14 +47,8 @@ class Account:
         self.cash = cash
         self.positions: dict[str, Position] = {}
 
-    def __getnewargs__(self) -> tuple[Any, ...]:  # see core_pickle.py
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (self.trader_id, self.cash)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return state_of(self)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        set_state(self, state)
 
     def position(self, symbol: str) -> Position:
         position = self.positions.get(symbol)
@@ -97,14 +81,8 @@ class Ledger:
         self.accounts: dict[str, Account] = {}
         self.fee_income = 0  # money units; cash + fee_income over all accounts is conserved
 
-    def __getnewargs__(self) -> tuple[Any, ...]:  # see core_pickle.py
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (self.initial_cash, self.tick_values)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return state_of(self)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        set_state(self, state)
 
     def account(self, trader_id: str) -> Account:
         """The trader's account, opened on first use (only fills open accounts)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Final
 
 from config import RiskConfig
-from core_pickle import set_state, state_of
 from models import RejectCode, TraderStatus
 
 if TYPE_CHECKING:
@@ -35,14 +34,8 @@ class TraderState:
         self.rate_ts: int | None = None
         self.status = TraderStatus.OK
 
-    def __getnewargs__(self) -> tuple[Any, ...]:  # see core_pickle.py
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (self.trader_id, 0)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return state_of(self)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        set_state(self, state)
 
     def open_qty(self, symbol: str) -> list[int]:
         exposure = self.exposure.get(symbol)
@@ -61,14 +54,8 @@ class RiskManager:
         # nano-messages per microsecond: exact for rates given to a thousandth per second
         self._refill_per_us = round(config.rate_limit_per_sec * 1_000)
 
-    def __getnewargs__(self) -> tuple[Any, ...]:  # see core_pickle.py
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (RiskConfig(),)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return state_of(self)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        set_state(self, state)
 
     def new_trader(self, trader_id: str) -> TraderState:
         return TraderState(trader_id, self.burst)
