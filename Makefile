@@ -3,11 +3,18 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The matching core, compiled by mypyc from these same files (native_core.py); rebuilt
+# when one changes. Without a C compiler everything runs on the pure-Python core.
+CORE := orderbook.py engine.py positions.py risk_manager.py margin_risk_manager.py
+NATIVE := $(VENV)/.native
+# Core test suites that run a second time against the pure-Python core
+CORE_TESTS := tests/test_orderbook.py tests/test_engine.py tests/test_positions.py \
+	tests/test_risk.py tests/test_margin.py tests/test_properties.py tests/test_native_core.py
 DURATION ?= 60
 SEED ?= 42
 DEMO_ARGS ?=
 
-.PHONY: demo demo-lockstep test test-long lint bench clean
+.PHONY: demo demo-lockstep test test-long lint bench native clean
 
 $(STAMP): requirements.txt
 	@$(PYTHON) -c 'import sys; sys.exit("OpenMarketSim needs Python 3.10+") if sys.version_info < (3, 10) else None'
@@ -16,14 +23,21 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	@touch $(STAMP)
 
-demo: $(STAMP)
+# CI must not fall back silently: there a failed build is an error
+$(NATIVE): $(STAMP) $(CORE) models.py config.py native_core.py
+	$(PY) native_core.py build $(if $(CI),--required,)
+	@touch $(NATIVE)
+
+native: $(NATIVE)
+
+demo: $(NATIVE)
 	$(PY) demo.py --duration $(DURATION) --seed $(SEED) $(DEMO_ARGS)
 
 # The battle in simulated time (lockstep): same DURATION (simulated seconds) and SEED,
 # same trades.csv and performance.csv, byte for byte. No relay or monitor: a fresh run
 # directory, the exchange on free ports (no fsync: the run is reproduced from DURATION
 # and SEED), the bots over two worker processes, the report.
-demo-lockstep: $(STAMP)
+demo-lockstep: $(NATIVE)
 	@dir=runs/lockstep-$$(date -u +%Y%m%d-%H%M%S); mkdir -p $$dir; \
 	$(PY) exchange_server.py --clock sim --journal-flush off --port 0 --events-port 0 \
 	    --data-dir $$dir \
@@ -35,21 +49,22 @@ demo-lockstep: $(STAMP)
 	kill -TERM $$pid; wait $$pid; \
 	$(PY) report.py --data-dir $$dir; echo "run directory: $$dir"; exit $$status
 
-test: $(STAMP)
+test: $(NATIVE)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+	OPENMARKETSIM_CORE=pure $(PY) -m pytest -q $(CORE_TESTS)
 
-test-long: $(STAMP)
+test-long: $(NATIVE)
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-bench: $(STAMP)
+bench: $(NATIVE)
 	$(PY) bench/bench_engine.py
 	$(PY) bench/bench_gateway.py
 	$(PY) bench/bench_feed.py
 	$(PY) bench/bench_recovery.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build .pytest_cache .ruff_cache .hypothesis .mypy_cache

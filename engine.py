@@ -16,7 +16,7 @@ import hashlib
 import heapq
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from config import ExchangeConfig
 from margin_risk_manager import MarginRiskManager
@@ -53,15 +53,22 @@ from orderbook import Order, OrderBook
 from positions import Ledger, PositionReport
 from risk_manager import Reject, RiskManager, TraderState, band_limit, check_price_band
 
-_BUY, _SELL = 0, 1  # indexes into TraderState.exposure lists
-_BUY_SIDE = Side.BUY
+_BUY: Final = 0  # indexes into TraderState.exposure lists
+_SELL: Final = 1
 # Enum members as module constants: on the hot path a global read is several times
-# cheaper than the class attribute lookup an enum member costs.
-_LIMIT, _STOP_LIMIT = OrderType.LIMIT, OrderType.STOP_LIMIT
-_GTC, _FOK = TimeInForce.GTC, TimeInForce.FOK
-_OK, _LIQUIDATING = TraderStatus.OK, TraderStatus.LIQUIDATING
-_ADD, _CANCEL, _EXECUTE = BookAction.ADD, BookAction.CANCEL, BookAction.EXECUTE
-_USER = CancelReason.USER
+# cheaper than the class attribute lookup an enum member costs, and Final lets the
+# compiled build (native_core.py) keep them in C statics instead of the module dict.
+_BUY_SIDE: Final = Side.BUY
+_LIMIT: Final = OrderType.LIMIT
+_STOP_LIMIT: Final = OrderType.STOP_LIMIT
+_GTC: Final = TimeInForce.GTC
+_FOK: Final = TimeInForce.FOK
+_OK: Final = TraderStatus.OK
+_LIQUIDATING: Final = TraderStatus.LIQUIDATING
+_ADD: Final = BookAction.ADD
+_CANCEL: Final = BookAction.CANCEL
+_EXECUTE: Final = BookAction.EXECUTE
+_USER: Final = CancelReason.USER
 
 
 class StopBook:
@@ -144,9 +151,13 @@ class Engine:
 
     # ================================================================= entry point
 
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
+        return (self.config,)
+
     def process(self, command: Command, ts: int) -> list[Event]:
         """Apply one command at time ``ts``; return the events it caused, in order."""
-        self._events = events = []
+        events: list[Event] = []
+        self._events = events
         self._ts = ts
         self._handlers[type(command)](command)
         if self._moved or self._triggered:
@@ -205,7 +216,7 @@ class Engine:
         """Every trader the engine has heard from, best equity first (ties by trader id);
         one that never traded stands at its initial cash."""
         marks = self.marks()
-        rows = []
+        rows: list[dict[str, Any]] = []
         for trader_id in self.traders:
             account = self.ledger.view(trader_id)
             rows.append({
@@ -264,35 +275,39 @@ class Engine:
     # ================================================================= new orders
 
     def _new_order(self, cmd: NewOrder) -> None:
-        trader = self.traders.get(cmd.trader_id) or self.trader(cmd.trader_id)
-        reject = self._check_new_order(cmd, trader)
+        # each field read once: from compiled code (native_core.py) a field of an
+        # interpreted dataclass costs a generic attribute lookup every time
+        trader_id, symbol, side, order_type, qty, price, tif = (
+            cmd.trader_id, cmd.symbol, cmd.side, cmd.order_type, cmd.qty, cmd.price, cmd.tif)
+        trader = self.traders.get(trader_id) or self.trader(trader_id)
+        reject = self._check_new_order(cmd, trader, symbol, side is _BUY_SIDE, order_type, qty,
+                                       price)
         if reject is not None:
-            self._events.append(OrderRejected(self._ts, cmd.trader_id, cmd.client_order_id,
+            self._events.append(OrderRejected(self._ts, trader_id, cmd.client_order_id,
                                               reject[0], reject[1]))
             return
         order_id = self.next_order_id
         self.next_order_id = order_id + 1
-        symbol, price = cmd.symbol, cmd.price
-        order = Order(order_id, cmd.trader_id, cmd.client_order_id, symbol, cmd.side,
-                      cmd.order_type, price, cmd.qty, cmd.tif, cmd.post_only, cmd.stp,
-                      cmd.stop_price, self._ts)
+        stop_price = cmd.stop_price
+        order = Order(order_id, trader_id, cmd.client_order_id, symbol, side, order_type, price,
+                      qty, tif, cmd.post_only, cmd.stp, stop_price, self._ts)
         self._accept(order, trader)
-        if cmd.stop_price is not None:
+        if stop_price is not None:
             # waits for a trade printed after it arrived, even if the last one was through
             self.stop_books[symbol].add(order)
             return
         book = self.books[symbol]
-        if cmd.order_type is _LIMIT and cmd.tif is _GTC:
+        if order_type is _LIMIT and tif is _GTC:
             # the common case, a passive order, goes straight into the book
             level_qty = book.add_passive(order)
             if level_qty is not None:
-                self._events.append(BookChanged(symbol, _ADD, order_id, cmd.side, price,  # type: ignore[arg-type]
-                                                cmd.qty, level_qty))
+                self._events.append(BookChanged(symbol, _ADD, order_id, side, price,  # type: ignore[arg-type]
+                                                qty, level_qty))
                 return
         self._execute(order, book)
 
-    def _check_new_order(self, cmd: NewOrder, trader: TraderState) -> Reject | None:
-        symbol = cmd.symbol
+    def _check_new_order(self, cmd: NewOrder, trader: TraderState, symbol: str, is_buy: bool,
+                         order_type: OrderType, qty: int, price: int | None) -> Reject | None:
         book = self.books.get(symbol)
         if book is None:
             return RejectCode.UNKNOWN_SYMBOL, f"unknown symbol {symbol!r}"
@@ -303,27 +318,24 @@ class Engine:
         if cmd.client_order_id in trader.live_orders:
             return (RejectCode.DUPLICATE_CLIENT_ORDER_ID,
                     f"client_order_id {cmd.client_order_id!r} is already live")
-        is_buy = cmd.side is _BUY_SIDE
         # one account lookup serves the position limit and the margin check
         account = self.ledger.accounts.get(trader.trader_id)
         position = account.positions.get(symbol) if account is not None else None
         last = self.last_prices[symbol]
         reject = self.risk.check_new_order(
-            trader, self._ts, symbol, is_buy, cmd.qty, position.qty if position else 0,
-            cmd.price if cmd.order_type is _LIMIT else None,
+            trader, self._ts, symbol, is_buy, qty, position.qty if position else 0,
+            price if order_type is _LIMIT else None,
             self.reference_prices[symbol] if last is None else last, self.band_bps[symbol])
         if reject is not None:
             return reject
         margin = self.margin
         if margin.enabled:
-            reject = margin.check_order(trader, symbol, is_buy, cmd.qty,
-                                        self.last_prices if self._all_traded else self.marks(),
-                                        account)
+            reject = margin.check_order(trader, symbol, is_buy, qty, self.marks(), account)
             if reject is not None:
                 return reject
-        if cmd.post_only and book.would_cross(is_buy, cmd.price):
+        if cmd.post_only and book.would_cross(is_buy, price):
             return (RejectCode.POST_ONLY_WOULD_CROSS,
-                    f"post-only {cmd.side.value} at {cmd.price} would trade on arrival")
+                    f"post-only {cmd.side.value} at {price} would trade on arrival")
         return None
 
     def _position(self, trader_id: str, symbol: str) -> int:
@@ -640,7 +652,7 @@ class Engine:
         """Check the traders a price move or a fill may have put below maintenance: those
         whose safe band the new mark left, those whose account changed, and those still
         being liquidated. In trader-id order, so the outcome never depends on history."""
-        marks = self.last_prices if self._all_traded else self.marks()
+        marks = self.marks()
         candidates = self._margin_dirty
         self._margin_dirty = {}
         candidates.update(self._liquidating)

@@ -70,6 +70,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
+import native_core
 from config import ConfigError, ExchangeConfig, load_config
 from engine import Engine
 from journal import (
@@ -1353,6 +1354,7 @@ def main(argv: list[str] | None = None) -> int:
                                               f"{exc}\n")
     except OSError as exc:
         args.parser.exit(2, f"exchange_server: cannot use {data_dir}: {exc}\n")
+    log.info("matching core: %s", native_core.implementation())
     exchange = Exchange(config, telemetry, accounts, args.client_buffer, args.consumer_buffer,
                         recovered=recovered, flush=FlushPolicy(args.journal_flush),
                         sync_ms=args.journal_sync_ms,

@@ -16,6 +16,7 @@ those whose account a fill changed).
 from __future__ import annotations
 
 import heapq
+from typing import Any
 
 from config import MONEY_SCALE, MarginConfig
 from models import RejectCode
@@ -30,6 +31,9 @@ class MarginRiskManager:
         self.maintenance_bps = config.maintenance_bps
         self.ledger = ledger
         self.watch = MarginWatch()
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
+        return (MarginConfig(), self.ledger)
 
     def check_order(self, trader: TraderState, symbol: str, is_buy: bool, added_qty: int,
                     marks: dict[str, int], account: Account | None) -> Reject | None:

@@ -745,7 +745,9 @@ class Relay:
 
     def _resync_slow(self, sub: Subscriber) -> None:
         now = time.monotonic()
-        if sub.wrote or not sub.unread_resyncs:  # it read something since the last one
+        # it read something since the last one, or its socket has room (the backlog grew
+        # within one burst, before the relay could write): either way it is reading
+        if sub.wrote or not sub.unread_resyncs or not sub.ws.paused:
             sub.unread_resyncs, sub.unread_since = 0, now
         if sub.unread_resyncs >= MAX_UNREAD_RESYNCS \
                 and now - sub.unread_since >= self.unread_timeout:

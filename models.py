@@ -10,7 +10,9 @@ core is an integer count of ``1 / MONEY_SCALE`` currency units (see ``config.py`
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -599,7 +601,7 @@ def _parse_get_open_orders(msg: dict[str, Any], _trader: str,
     return GetOpenOrders(_symbol(msg, None, None, required=False))
 
 
-_PARSERS = {
+_PARSERS: dict[str, Callable[[dict[str, Any], str, str | None], Request]] = {
     "new_order": parse_new_order,
     "cancel_order": _parse_cancel,
     "amend_order": _parse_amend,
@@ -629,7 +631,7 @@ EVENT_TYPE_NAMES: dict[type, str] = {
     MarketStatusChanged: "market_status_changed",
 }
 EVENT_TYPES_BY_NAME = {name: cls for cls, name in EVENT_TYPE_NAMES.items()}
-_EVENT_FIELDS = {cls: cls.__slots__ for cls in EVENT_TYPE_NAMES}
+_EVENT_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in EVENT_TYPE_NAMES}
 _ENUM_FIELDS = {
     "side": Side, "order_type": OrderType, "tif": TimeInForce, "reason": CancelReason,
     "code": RejectCode, "aggressor": Side, "action": BookAction, "status": TraderStatus,

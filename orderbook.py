@@ -18,13 +18,18 @@ import hashlib
 import heapq
 from collections import deque
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Final, Protocol
+
+from mypy_extensions import mypyc_attr
 
 from models import OrderType, Side, StpMode, TimeInForce
 
-_BUY_SIDE = Side.BUY  # a global read is much cheaper than an enum member lookup
+_BUY_SIDE: Final = Side.BUY  # a global read is much cheaper than an enum member lookup
 
 
+# Only the compiled build (native_core.py) reads this: an Order refers to no container,
+# so the cycle collector need not track the most numerous objects there are.
+@mypyc_attr(acyclic=True)
 class Order:
     """One order's live state. Mutable: the book and engine update it in place."""
 
@@ -44,7 +49,7 @@ class Order:
         self.side = side
         self.is_buy = side is _BUY_SIDE
         self.order_type = order_type
-        self.price = price
+        self.price = price  # None only for market orders, which never rest
         self.qty = qty  # current total quantity: filled + leaves
         self.leaves_qty = qty
         self.tif = tif
@@ -53,6 +58,10 @@ class Order:
         self.stop_price = stop_price
         self.ts = ts
         self.liquidation = liquidation
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
+        return (self.order_id, self.trader_id, self.client_order_id, self.symbol, self.side,
+                self.order_type, self.price, self.qty)
 
     @property
     def filled_qty(self) -> int:
@@ -80,6 +89,9 @@ class PriceLevel:
         self.orders: deque[Order] = deque()
         self.total_qty = 0
         self.live_count = 0
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
+        return (self.price,)
 
     def live_orders(self) -> Iterator[Order]:
         return (order for order in self.orders if order.leaves_qty)
@@ -113,6 +125,9 @@ class BookSide:
         self.levels: dict[int, PriceLevel] = {}
         self._heap: list[int] = []  # prices, negated for bids so heap[0] is the best
         self._in_heap: set[int] = set()
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
+        return (self.is_bid,)
 
     def best_price(self) -> int | None:
         heap, levels = self._heap, self.levels
@@ -159,6 +174,9 @@ class OrderBook:
         self.resting_orders: dict[int, Order] = {}
 
     # ----------------------------------------------------------------- queries
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
+        return (self.symbol,)
 
     def best_bid(self) -> int | None:
         return self.bids.best_price()
@@ -216,7 +234,7 @@ class OrderBook:
         The caller has already matched it: resting a crossing order is a bug.
         """
         side = self.bids if order.is_buy else self.asks
-        level = side.levels.get(order.price) or side.level_for_insert(order.price)
+        level = side.levels.get(order.price) or side.level_for_insert(order.price)  # type: ignore[arg-type]
         level.orders.append(order)
         level.live_count += 1
         level.total_qty += order.leaves_qty
@@ -256,13 +274,13 @@ class OrderBook:
         if order is None:
             return None
         side = self.bids if order.is_buy else self.asks
-        level = side.levels[order.price]
+        level = side.levels[order.price]  # type: ignore[index]
         canceled = order.leaves_qty
         order.leaves_qty = 0
         level.total_qty -= canceled
         level.live_count -= 1
         if level.live_count == 0:
-            del side.levels[order.price]
+            del side.levels[order.price]  # type: ignore[arg-type]
         elif len(level.orders) > 2 * level.live_count + 16:
             level.compact()
         return order, canceled, level.total_qty
@@ -270,7 +288,7 @@ class OrderBook:
     def reduce(self, order: Order, new_leaves: int) -> int:
         """Lower a resting order's leaves in place, keeping its priority; returns the
         level's new total."""
-        level = (self.bids if order.is_buy else self.asks).levels[order.price]
+        level = (self.bids if order.is_buy else self.asks).levels[order.price]  # type: ignore[index]
         level.total_qty -= order.leaves_qty - new_leaves
         order.qty -= order.leaves_qty - new_leaves
         order.leaves_qty = new_leaves

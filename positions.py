@@ -12,6 +12,7 @@ and vanishes when the position is flat, so realized + unrealized is always exact
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from config import MONEY_SCALE
 
@@ -46,6 +47,9 @@ class Account:
         self.cash = cash
         self.positions: dict[str, Position] = {}
 
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
+        return (self.trader_id, self.cash)
+
     def position(self, symbol: str) -> Position:
         position = self.positions.get(symbol)
         if position is None:
@@ -76,6 +80,9 @@ class Ledger:
         self.tick_values = tick_values
         self.accounts: dict[str, Account] = {}
         self.fee_income = 0  # money units; cash + fee_income over all accounts is conserved
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
+        return (self.initial_cash, self.tick_values)
 
     def account(self, trader_id: str) -> Account:
         """The trader's account, opened on first use (only fills open accounts)."""

@@ -7,7 +7,7 @@ command's ``ts`` (microseconds), never from a clock.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Final
 
 from config import RiskConfig
 from models import RejectCode, TraderStatus
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 Reject = tuple[RejectCode, str]
 
-_TOKEN = 10**9  # one message in the bucket's units: nano-messages keep refill exact
+_TOKEN: Final = 10**9  # one message in the bucket's units: nano-messages keep refill exact
 
 
 class TraderState:
@@ -33,6 +33,9 @@ class TraderState:
         self.rate_tokens = burst * _TOKEN  # token bucket, in nano-messages
         self.rate_ts: int | None = None
         self.status = TraderStatus.OK
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
+        return (self.trader_id, 0)
 
     def open_qty(self, symbol: str) -> list[int]:
         exposure = self.exposure.get(symbol)
@@ -50,6 +53,9 @@ class RiskManager:
         self._capacity = config.rate_limit_burst * _TOKEN
         # nano-messages per microsecond: exact for rates given to a thousandth per second
         self._refill_per_us = round(config.rate_limit_per_sec * 1_000)
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
+        return (RiskConfig(),)
 
     def new_trader(self, trader_id: str) -> TraderState:
         return TraderState(trader_id, self.burst)

@@ -14,8 +14,10 @@ All three must agree on trades, traded volume, no-op cancels and the final book,
 script exits 1. Throughput targets are reported PASS/MISS, never asserted: these
 machines drift +-15% between runs, so ratios are taken per round of interleaved runs.
 
-To measure a patched copy of the modules, put it first on the path:
-``PYTHONPATH=/tmp/patched .venv/bin/python bench/bench_engine.py --ops 200000``.
+The core is whatever the environment loads: the mypyc-compiled build when it is fresh
+(``make native``), else the Python sources; the header says which. To measure the pure
+core, or a patched copy of the modules, bypass the compiled one:
+``OPENMARKETSIM_CORE=pure PYTHONPATH=/tmp/patched .venv/bin/python bench/bench_engine.py``.
 """
 
 from __future__ import annotations
@@ -643,8 +645,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    core = "compiled (mypyc)" if not engine_module.__file__.endswith(".py") else "pure Python"
     print(f"OpenMarketSim matching benchmark: python {platform.python_version()}, "
-          f"modules from {Path(engine_module.__file__).parent}")
+          f"{core} core from {Path(engine_module.__file__).parent}")
     start = time.perf_counter()
     work = generate(args.ops, args.seed)
     n_new = work.limits + work.iocs

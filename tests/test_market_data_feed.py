@@ -251,15 +251,16 @@ async def test_a_subscriber_that_never_reads_is_closed_with_a_reason() -> None:
             slow = Client(slow_ws)
             await subscribe(slow, channels=ALL_CHANNELS, depth=20)
             await subscribe(fast, channels=ALL_CHANNELS, depth=20)
-            fast_reader = asyncio.create_task(collect_until(
-                fast, lambda m: m.get("type") == "leaderboard", timeout=60))
-            for _ in range(40):  # until the relay gives up on the slow one
-                await fake.random_flow(rng, 250)
+            fast_msgs: list[dict[str, Any]] = []
+            for _ in range(200):  # until the relay gives up on the slow one
+                # small bursts, each read to its end by the fast one: on a loaded machine
+                # a reader descheduled for a long burst would fall behind for real
+                await fake.random_flow(rng, 40)
+                marker = await fake.leaderboard()
+                fast_msgs += await collect_until(fast, is_leaderboard(marker), timeout=30)
                 if "closing subscriber" in relay.stderr_text:
                     break
-            marker = await fake.leaderboard()
-            fast_msgs = await fast_reader
-            assert is_leaderboard(marker)(fast_msgs[-1])
+            assert "closing subscriber" in relay.stderr_text
             assert len([m for m in fast_msgs if m["type"] == "book_snapshot"]) == 2
             with pytest.raises(ConnectionClosed) as closed:
                 while True:  # what was sent before the close, then the close itself

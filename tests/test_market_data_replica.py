@@ -181,6 +181,7 @@ class StubConnection:
     """Enough of a server connection for a Subscriber whose writer never runs."""
 
     remote_address = ("127.0.0.1", 1)
+    paused = True  # a peer that never reads: its socket stays full
 
     def __init__(self) -> None:
         self.closed_with: tuple[int, str] | None = None
@@ -412,6 +413,18 @@ async def test_a_peer_that_never_reads_is_closed_after_repeated_resyncs() -> Non
         if round_ % 4 == 0:
             reader.take_pending()
     assert reader.resyncs > MAX_UNREAD_RESYNCS and reader_ws.closed_with is None
+
+
+async def test_a_peer_whose_socket_has_room_is_not_closed_for_resyncs_in_a_burst() -> None:
+    """Resyncs that come before the relay could write anything (within one burst) say
+    nothing about the peer: while its socket has room, it is not 'not reading'."""
+    fake, relay = FakeExchange(), Relay(max_backlog=2000, unread_timeout=0.0)
+    relay.on_snapshot(fake.snapshot())
+    wire(fake, relay)
+    sub, ws = stub_subscriber(relay)
+    ws.paused = False  # type: ignore[misc]
+    await fake.random_flow(random.Random(33), 600)
+    assert sub.resyncs > MAX_UNREAD_RESYNCS and ws.closed_with is None
 
 
 async def test_a_stalled_peer_is_kept_until_the_stall_timeout() -> None:
