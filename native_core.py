@@ -169,7 +169,9 @@ def write_hook(root: Path = ROOT) -> Path:
     ``install()``: site-packages runs ``import`` lines of ``.pth`` files at start-up."""
     site = Path(sysconfig.get_paths()["purelib"])
     hook = site / HOOK_NAME
-    hook.write_text(f"{root}\nimport native_core; native_core.install()\n")
+    # quiet if the checkout has moved: the start-up of every interpreter must not fail
+    hook.write_text(f"{root}\nimport importlib.util as u; u.find_spec('native_core') "
+                    "and __import__('native_core').install()\n")
     return hook
 
 
