@@ -21,9 +21,12 @@ Everything lives in ``DATA_DIR/journal/``:
   length | pickle``, written to a temp file, fsynced and renamed, so it is whole or
   absent.
 
-A bad record (short, impossible length, CRC mismatch) that nothing valid follows in the
-last segment is a torn write: it is dropped with a warning. Anything else bad is a
-``JournalCorrupt`` naming the file, byte offset and input number.
+The live segment is zero-filled ahead of its last record (``PREALLOC_CHUNK`` at a time),
+so an fdatasync after a record only writes data, not the file's size; a closed segment
+is trimmed to its last record. Zeros from a record boundary to the end of a segment are
+its clean end. A bad record (short, impossible length, CRC mismatch) that nothing valid
+follows in the last segment is a torn write: it is dropped with a warning. Anything
+else bad is a ``JournalCorrupt`` naming the file, byte offset and input number.
 """
 
 from __future__ import annotations
@@ -71,6 +74,11 @@ MAX_RECORD = 1 << 20  # no input comes near this; a bigger length is damage
 _BINARY = getattr(os, "O_BINARY", 0)  # Windows would translate newlines otherwise
 _datasync = getattr(os, "fdatasync", os.fsync)  # macOS and Windows have only fsync
 SNAPSHOTS_KEPT = 2  # the newest is enough; the one before covers a damaged newest
+# Zeros written ahead of the live segment's end at a time. A record written into them
+# changes no file size, so its fdatasync skips ext4's metadata commit (p50 0.16 ms
+# instead of 0.26 here); the fdatasync after an extension writes the chunk out once.
+# Real zeros, not ftruncate or fallocate: those leave extent work for every later write.
+PREALLOC_CHUNK = 4 << 20
 
 HEADER = "H"
 LEADERBOARD = "L"
@@ -246,24 +254,28 @@ class Segment:
 
 
 def read_segment(path: Path, last: bool, first_hint: int) -> Segment:
-    """Read and check a whole segment. Only the ``last`` segment may end torn."""
+    """Read and check a whole segment. Only the ``last`` segment may end torn; any
+    segment may end in zeros (the live one's preallocated space, or a closed one whose
+    trim a crash prevented: the next segment's first input number still shows a gap)."""
     data = path.read_bytes()
+    # a valid record's length is not zero, so none starts at or after `used`
+    used = len(data.rstrip(b"\0"))
     if data[:len(SEGMENT_MAGIC)] != SEGMENT_MAGIC:
-        if last and SEGMENT_MAGIC.startswith(data):
+        if last and SEGMENT_MAGIC.startswith(data[:used]):
             return Segment(path, None, [], 0, f"segment of {len(data)} bytes without a header")
         raise JournalCorrupt(path, 0, None, "not a journal segment (bad magic)")
     records: list[tuple[int, bytes]] = []
     header: dict[str, Any] | None = None
     pos = len(SEGMENT_MAGIC)
     head = _RECORD_HEAD.size
-    while pos < len(data):
+    while pos < used:  # at a record boundary, only zeros to the end: the clean end
         problem = _bad_record(data, pos)
         if problem is not None:
             number = None if header is None else first_hint + len(records)
-            if not last or any(_valid_record_at(data, p) for p in range(pos + 1, len(data))):
+            if not last or any(_valid_record_at(data, p) for p in range(pos + 1, used)):
                 raise JournalCorrupt(path, pos, number, problem)
             return Segment(path, header, records, pos,
-                           f"{problem} at byte offset {pos} ({len(data) - pos} bytes)")
+                           f"{problem} at byte offset {pos} ({used - pos} bytes)")
         length = _RECORD_HEAD.unpack_from(data, pos)[0]
         payload = data[pos + head:pos + head + length]
         if header is None:
@@ -386,14 +398,24 @@ class JournalWriter:
     ``append`` only buffers; ``write`` hands the buffer to the OS (enough to survive the
     process being killed); ``sync`` makes it durable (fdatasync). The caller decides
     when, and releases an input's effects only after the write (and sync) that covers it.
+
+    Records are written at the segment's logical end, inside zeros written ahead of it
+    (``PREALLOC_CHUNK`` at a time, by the ``write`` that needs them and made durable by
+    the ``sync`` after it), so most syncs change no file size; ``close`` trims the zeros.
     """
 
-    def __init__(self, directory: Path, path: Path, next_number: int) -> None:
+    def __init__(self, directory: Path, path: Path, next_number: int, end: int) -> None:
+        """Continue ``path`` at byte ``end``: its last whole record ends there and only
+        zeros follow it."""
         self.directory = directory
         self.path = path
         self.next_number = next_number  # of the next input appended
         self.written_number = next_number - 1  # last input handed to the OS
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | _BINARY)
+        # not O_APPEND: records go before the zeros (seek + write, as on every platform)
+        self._fd = os.open(path, os.O_WRONLY | _BINARY)
+        self._end = end  # where the next record goes
+        self._zeroed = os.fstat(self._fd).st_size  # zeros from _end up to here
+        os.lseek(self._fd, end, os.SEEK_SET)
         self._buffer: list[bytes] = []
 
     @classmethod
@@ -415,7 +437,7 @@ class JournalWriter:
             raise
         finally:
             os.close(fd)
-        return cls(directory, path, first)
+        return cls(directory, path, first, len(body))
 
     @classmethod
     def reopen(cls, directory: Path, segment: Segment, next_number: int) -> JournalWriter:
@@ -426,7 +448,7 @@ class JournalWriter:
                 f.truncate(segment.valid_end)
                 f.flush()
                 os.fsync(f.fileno())
-        return cls(directory, segment.path, next_number)
+        return cls(directory, segment.path, next_number, segment.valid_end)
 
     @property
     def pending(self) -> int:
@@ -441,20 +463,47 @@ class JournalWriter:
         """Hand the buffered records to the OS in one write; returns how many."""
         count = self.pending
         if count:
-            data = memoryview(b"".join(self._buffer))
+            data = b"".join(self._buffer)
             self._buffer.clear()
-            while data:
-                data = data[os.write(self._fd, data):]
+            end = self._end + len(data)
+            if end > self._zeroed:
+                self._extend(end)
+            _write_all(self._fd, data)
+            self._end = end
             self.written_number = self.next_number - 1
         return count
+
+    def _extend(self, end: int) -> None:
+        """Zero-fill the file up to the chunk boundary at or after ``end``. Before the
+        records that need it, so a crash in between leaves zeros after the last record."""
+        size = -(-end // PREALLOC_CHUNK) * PREALLOC_CHUNK
+        os.lseek(self._fd, self._zeroed, os.SEEK_SET)
+        _write_all(self._fd, bytes(size - self._zeroed))
+        os.lseek(self._fd, self._end, os.SEEK_SET)
+        self._zeroed = size
 
     def sync(self) -> None:
         _datasync(self._fd)
 
     def close(self) -> None:
-        if self._fd >= 0:
+        """Trim the zeros after the last record (durably: a closed segment is never
+        written again) and close the file."""
+        if self._fd < 0:
+            return
+        try:
+            if self._zeroed > self._end:
+                os.ftruncate(self._fd, self._end)
+                _datasync(self._fd)
+                self._zeroed = self._end
+        finally:
             os.close(self._fd)
             self._fd = -1
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 # ===================================================================== snapshots
