@@ -277,17 +277,19 @@ def test_records_past_a_chunk_extend_the_zeros_a_chunk_at_a_time(
     monkeypatch.setattr("journal.PREALLOC_CHUNK", 4096)
     writer = JournalWriter.create(tmp_path, 1, {"seq": 0, "ts": 0})
     path = tmp_path / "wal-000000000001.log"
-    sizes = []
+    sizes, ends = [], []
     for number in range(1, 121):
         writer.append(command_record(
             NewOrder("t", f"o{number}", "SIM", Side.BUY, OrderType.LIMIT, 1, 10_000),
             number, 1_000 + number))
-        if number % 7 == 0 or number > 100:  # groups of several records, then single ones
+        # groups of a few records, then one bigger than a chunk, then single records
+        if (number <= 49 and number % 7 == 0) or number >= 110:
             writer.write()
             sizes.append(path.stat().st_size)
-            assert sizes[-1] % 4096 == 0 and sizes[-1] >= record_end(path)
-    writer.write()
-    assert len(set(sizes)) > 2  # it did extend, more than once
+            ends.append(record_end(path))
+            assert sizes[-1] % 4096 == 0 and sizes[-1] >= ends[-1]
+    assert ends[-11] - ends[-12] > 4096  # the big group: more than a chunk at once
+    assert sorted(set(sizes)) == [4096, 8192, 12288]  # extended twice, a chunk at a time
     assert numbers(tmp_path) == list(range(1, 121))
     abandon(writer)
     with open(path, "r+b") as f:  # killed while extending: part of a chunk written
