@@ -81,7 +81,7 @@ SNAPSHOTS_KEPT = 2  # the newest is enough; the one before covers a damaged newe
 # (every ~11,000 inputs) for little more disk time per byte. Real zeros, not ftruncate or
 # fallocate: those leave extent work for every later write.
 PREALLOC_CHUNK = 1 << 20
-_ZERO_WRITE = 256 << 10  # one 4 MiB write() took 8-17 ms here; 16 of these, 1.3 ms
+_ZERO_WRITE = 256 << 10  # a 4 MiB write() of zeros took 8-17 ms here, 16 of these 1.3 ms
 
 HEADER = "H"
 LEADERBOARD = "L"
