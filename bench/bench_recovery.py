@@ -333,10 +333,8 @@ def bench_commits(args: argparse.Namespace, work: Path) -> None:
                                      OrderType.LIMIT, 5, 10_000), 1, 1)
     total: list[float] = []
     syncs: list[float] = []
-    extended = 0
-    size = writer.path.stat().st_size
     try:
-        for _ in range(args.commits):
+        for _ in range(args.commits):  # no stat() in the loop: one added 0.09 ms to fsyncs
             writer.append(record)
             started = time.perf_counter()
             writer.write()
@@ -344,9 +342,7 @@ def bench_commits(args: argparse.Namespace, work: Path) -> None:
             writer.sync()
             total.append(time.perf_counter() - started)
             syncs.append(time.perf_counter() - written)
-            grown = writer.path.stat().st_size
-            extended += grown != size
-            size = grown
+        size = writer.path.stat().st_size
     finally:
         writer.close()
         shutil.rmtree(directory, ignore_errors=True)
@@ -357,7 +353,7 @@ def bench_commits(args: argparse.Namespace, work: Path) -> None:
                 f"max {max(values) * 1e3:.3f} ms")
 
     print(f"commit ({args.commits:,} x one {len(record)}-byte record: write + fdatasync; "
-          f"the file grew {extended} times; data dir on {work}):")
+          f"a {size / 2**20:.1f} MiB file at the end; data dir on {work}):")
     print(f"  write+fdatasync  {cut(total)}")
     print(f"  fdatasync        {cut(syncs)}")
 
