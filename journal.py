@@ -21,9 +21,12 @@ Everything lives in ``DATA_DIR/journal/``:
   length | pickle``, written to a temp file, fsynced and renamed, so it is whole or
   absent.
 
-A bad record (short, impossible length, CRC mismatch) that nothing valid follows in the
-last segment is a torn write: it is dropped with a warning. Anything else bad is a
-``JournalCorrupt`` naming the file, byte offset and input number.
+The live segment is zero-filled ahead of its last record (``PREALLOC_CHUNK`` at a time),
+so an fdatasync after a record only writes data, not the file's size; a closed segment
+is trimmed to its last record. Zeros from a record boundary to the end of a segment are
+its clean end. A bad record (short, impossible length, CRC mismatch) that nothing valid
+follows in the last segment is a torn write: it is dropped with a warning. Anything
+else bad is a ``JournalCorrupt`` naming the file, byte offset and input number.
 """
 
 from __future__ import annotations
@@ -71,6 +74,14 @@ MAX_RECORD = 1 << 20  # no input comes near this; a bigger length is damage
 _BINARY = getattr(os, "O_BINARY", 0)  # Windows would translate newlines otherwise
 _datasync = getattr(os, "fdatasync", os.fsync)  # macOS and Windows have only fsync
 SNAPSHOTS_KEPT = 2  # the newest is enough; the one before covers a damaged newest
+# Zeros written ahead of the live segment's end at a time. A record written into them
+# changes no file size, so its fdatasync skips ext4's metadata commit (p50 0.17 ms instead
+# of 0.25 here). The commit after an extension writes the chunk out: measured 2.0 ms for
+# 1 MiB, 2.9 for 2 MiB, 5.9 for 4 MiB, so 1 MiB keeps that rare ack within ~2 ms
+# (every ~11,000 inputs) for little more disk time per byte. Real zeros, not ftruncate or
+# fallocate: those leave extent work for every later write.
+PREALLOC_CHUNK = 1 << 20
+_ZERO_WRITE = 256 << 10  # a 4 MiB write() of zeros took 8-17 ms here, 16 of these 1.3 ms
 
 HEADER = "H"
 LEADERBOARD = "L"
@@ -246,24 +257,28 @@ class Segment:
 
 
 def read_segment(path: Path, last: bool, first_hint: int) -> Segment:
-    """Read and check a whole segment. Only the ``last`` segment may end torn."""
+    """Read and check a whole segment. Only the ``last`` segment may end torn; any
+    segment may end in zeros (the live one's preallocated space, or a closed one whose
+    trim a crash prevented: the next segment's first input number still shows a gap)."""
     data = path.read_bytes()
+    # a valid record's length is not zero, so none starts at or after `used`
+    used = len(data.rstrip(b"\0"))
     if data[:len(SEGMENT_MAGIC)] != SEGMENT_MAGIC:
-        if last and SEGMENT_MAGIC.startswith(data):
+        if last and SEGMENT_MAGIC.startswith(data[:used]):
             return Segment(path, None, [], 0, f"segment of {len(data)} bytes without a header")
         raise JournalCorrupt(path, 0, None, "not a journal segment (bad magic)")
     records: list[tuple[int, bytes]] = []
     header: dict[str, Any] | None = None
     pos = len(SEGMENT_MAGIC)
     head = _RECORD_HEAD.size
-    while pos < len(data):
+    while pos < used:  # at a record boundary, only zeros to the end: the clean end
         problem = _bad_record(data, pos)
         if problem is not None:
             number = None if header is None else first_hint + len(records)
-            if not last or any(_valid_record_at(data, p) for p in range(pos + 1, len(data))):
+            if not last or any(_valid_record_at(data, p) for p in range(pos + 1, used)):
                 raise JournalCorrupt(path, pos, number, problem)
             return Segment(path, header, records, pos,
-                           f"{problem} at byte offset {pos} ({len(data) - pos} bytes)")
+                           f"{problem} at byte offset {pos} ({used - pos} bytes)")
         length = _RECORD_HEAD.unpack_from(data, pos)[0]
         payload = data[pos + head:pos + head + length]
         if header is None:
@@ -386,14 +401,24 @@ class JournalWriter:
     ``append`` only buffers; ``write`` hands the buffer to the OS (enough to survive the
     process being killed); ``sync`` makes it durable (fdatasync). The caller decides
     when, and releases an input's effects only after the write (and sync) that covers it.
+
+    Records are written at the segment's logical end, inside zeros written ahead of it
+    (``PREALLOC_CHUNK`` at a time, by the ``write`` that needs them and made durable by
+    the ``sync`` after it), so most syncs change no file size; ``close`` trims the zeros.
     """
 
-    def __init__(self, directory: Path, path: Path, next_number: int) -> None:
+    def __init__(self, directory: Path, path: Path, next_number: int, end: int) -> None:
+        """Continue ``path`` at byte ``end``: its last whole record ends there and only
+        zeros follow it."""
         self.directory = directory
         self.path = path
         self.next_number = next_number  # of the next input appended
         self.written_number = next_number - 1  # last input handed to the OS
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | _BINARY)
+        # not O_APPEND: records go before the zeros (seek + write, as on every platform)
+        self._fd = os.open(path, os.O_WRONLY | _BINARY)
+        self._end = end  # where the next record goes
+        self._zeroed = os.fstat(self._fd).st_size  # zeros from _end up to here
+        os.lseek(self._fd, end, os.SEEK_SET)
         self._buffer: list[bytes] = []
 
     @classmethod
@@ -415,7 +440,7 @@ class JournalWriter:
             raise
         finally:
             os.close(fd)
-        return cls(directory, path, first)
+        return cls(directory, path, first, len(body))
 
     @classmethod
     def reopen(cls, directory: Path, segment: Segment, next_number: int) -> JournalWriter:
@@ -426,7 +451,7 @@ class JournalWriter:
                 f.truncate(segment.valid_end)
                 f.flush()
                 os.fsync(f.fileno())
-        return cls(directory, segment.path, next_number)
+        return cls(directory, segment.path, next_number, segment.valid_end)
 
     @property
     def pending(self) -> int:
@@ -441,20 +466,48 @@ class JournalWriter:
         """Hand the buffered records to the OS in one write; returns how many."""
         count = self.pending
         if count:
-            data = memoryview(b"".join(self._buffer))
+            data = b"".join(self._buffer)
             self._buffer.clear()
-            while data:
-                data = data[os.write(self._fd, data):]
+            end = self._end + len(data)
+            if end > self._zeroed:
+                self._extend(end)
+            _write_all(self._fd, data)
+            self._end = end
             self.written_number = self.next_number - 1
         return count
+
+    def _extend(self, end: int) -> None:
+        """Zero-fill the file up to the chunk boundary at or after ``end``. Before the
+        records that need it, so a crash in between leaves zeros after the last record."""
+        size = -(-end // PREALLOC_CHUNK) * PREALLOC_CHUNK
+        os.lseek(self._fd, self._zeroed, os.SEEK_SET)
+        zeros = memoryview(bytes(min(_ZERO_WRITE, size - self._zeroed)))
+        while self._zeroed < size:
+            self._zeroed += os.write(self._fd, zeros[:size - self._zeroed])
+        os.lseek(self._fd, self._end, os.SEEK_SET)
 
     def sync(self) -> None:
         _datasync(self._fd)
 
     def close(self) -> None:
-        if self._fd >= 0:
+        """Trim the zeros after the last record (durably: a closed segment is never
+        written again) and close the file."""
+        if self._fd < 0:
+            return
+        try:
+            if self._zeroed > self._end:
+                os.ftruncate(self._fd, self._end)
+                _datasync(self._fd)
+                self._zeroed = self._end
+        finally:
             os.close(self._fd)
             self._fd = -1
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 # ===================================================================== snapshots

@@ -17,12 +17,14 @@ import pytest
 
 from exchange_server import CommitQueue, Exchange, FlushPolicy, HeldGroup
 from journal import (
+    PREALLOC_CHUNK,
     JournalError,
     JournalReader,
     JournalWriter,
     journal_dir,
     list_segments,
     list_snapshots,
+    read_segment,
     read_snapshot,
     write_snapshot,
 )
@@ -39,7 +41,15 @@ from models import (
     TimeInForce,
 )
 from replay import recover
-from tests.test_recovery_support import config, crash, limit, replay_hash, run_replay, start
+from tests.test_recovery_support import (
+    config,
+    crash,
+    kill,
+    limit,
+    replay_hash,
+    run_replay,
+    start,
+)
 
 BUY, SELL = Side.BUY, Side.SELL
 # a small bucket, so the script runs into the rate limit and rejections spend tokens
@@ -117,6 +127,38 @@ async def test_a_restart_restores_the_exact_state(tmp_path: Path, flush: FlushPo
     assert again.seq == before[2] + 2  # order_accepted, book_changed
     assert again.engine.orders[before[4]].client_order_id == "d1"
     crash(again)
+
+
+@pytest.mark.parametrize("snapshot_every", [0, 4])
+async def test_a_kill_leaves_zeros_after_the_last_record_and_a_restart_goes_on_after_it(
+        tmp_path: Path, snapshot_every: int, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config(**RATE_LIMITED)
+    exchange = start(tmp_path, cfg, FlushPolicy.BATCH, snapshot_every)
+    await scripted_session(exchange)
+    before = standing(exchange)
+    kill(exchange)
+    directory = journal_dir(tmp_path)
+    segments = [path for _, path in list_segments(directory)]
+    assert len(segments) == (3 if snapshot_every else 1)  # snapshots at #9 and #24
+    # only the live segment carries zeros; the ones snapshots closed were trimmed
+    assert segments[-1].stat().st_size == PREALLOC_CHUNK
+    for path in segments[:-1]:
+        assert path.stat().st_size == read_segment(path, False, 1).valid_end
+    with caplog.at_level(logging.WARNING):
+        again = start(tmp_path, cfg, FlushPolicy.BATCH, snapshot_every)
+    assert "torn" not in caplog.text  # zeros are the clean end, not a torn write
+    assert standing(again) == before
+    again.submit(limit("dave", "d1", BUY, 1, 9950))
+    await settle(again)
+    after = standing(again)
+    assert again.commits is not None
+    inputs = again.commits.journal.next_number - 1
+    kill(again)
+    # the new input went after the last record, not after the zeros: all read back
+    reader = JournalReader(directory)
+    assert [e.number for e in reader.entries(after=inputs - 1)] == [inputs]
+    assert reader.torn is None and reader.last_number == inputs
+    assert await replay_hash(tmp_path) == after[1]
 
 
 @pytest.mark.parametrize("flush", list(FlushPolicy))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from journal import journal_dir, list_segments, read_segment
+from journal import PREALLOC_CHUNK, journal_dir, list_segments, read_segment
 from tests.stack import logged_in, running_exchange, stop_process
 from tests.test_exchange_process import exchange_to_exit, trade_once
 from tests.test_recovery_support import final_hash, recovered_line
@@ -59,6 +59,26 @@ async def test_a_corrupt_record_in_the_middle_stops_the_start_naming_where(
                                        "--data-dir", str(tmp_path))
     assert code == 3 and "READY" not in out
     assert str(path) in err and f"byte offset {offset}" in err and "input #4" in err
+
+
+async def test_a_killed_exchange_leaves_zeros_that_a_restart_reads_as_the_clean_end(
+        tmp_path: Path) -> None:
+    await trade_and_stop(tmp_path, signal.SIGKILL)
+    path = first_segment(tmp_path)
+    end = read_segment(path, last=True, first_hint=1).valid_end
+    assert path.stat().st_size == PREALLOC_CHUNK > end  # the live segment's zeros
+    async with running_exchange(tmp_path, "--snapshot-every", "0") as exchange:
+        inputs, _, _ = recovered_line(exchange.stderr_text)
+        assert inputs > 0 and "torn" not in exchange.stderr_text
+        await trade_once(exchange.uris["gateway"], "r3")
+        assert await stop_process(exchange.proc, signal.SIGTERM) == 0
+    # the restart appended after the last record; the clean stop (a snapshot, then a new
+    # segment) trimmed both segments
+    segments = [p for _, p in list_segments(journal_dir(tmp_path))]
+    assert segments[0] == path and len(segments) == 2
+    for each in segments:
+        assert each.stat().st_size == read_segment(each, False, 1).valid_end
+    assert len(read_segment(path, last=False, first_hint=1).records) > inputs
 
 
 async def test_a_torn_last_record_is_dropped_with_a_warning(tmp_path: Path) -> None:

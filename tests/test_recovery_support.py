@@ -54,6 +54,18 @@ def crash(exchange: Exchange) -> None:
     exchange.telemetry.close()
 
 
+def kill(exchange: Exchange) -> None:
+    """Stop as a killed process would after its last write: the journal's live segment
+    keeps its preallocated zeros (no trim at close), nothing else is done."""
+    commits = exchange.commits
+    assert commits is not None
+    commits.commit_now()
+    path = commits.journal.path
+    image = path.read_bytes()  # what the kill leaves on disk
+    crash(exchange)
+    path.write_bytes(image)
+
+
 def limit(trader: str, cid: str, side: Side, qty: int, price: int,
           tif: TimeInForce = TimeInForce.GTC) -> NewOrder:
     return NewOrder(trader, cid, "SIM", side, OrderType.LIMIT, qty, price, None, tif)
