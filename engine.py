@@ -128,6 +128,10 @@ class Engine:
         self.margin = MarginRiskManager(config.margin, self.ledger)
         self.maker_ppm = config.fees.maker_ppm
         self.taker_ppm = config.fees.taker_ppm
+        # per symbol, money units per tick x lot x 1e6 of fee: price * qty * rate stays in
+        # machine ints under mypyc where price * qty * tick_value * ppm would not
+        self._fee_rates = {symbol: (tick_value * self.maker_ppm, tick_value * self.taker_ppm)
+                           for symbol, tick_value in self.tick_values.items()}
         self.traders: dict[str, TraderState] = {}
         self.orders: dict[int, Order] = {}  # every live order: resting or waiting stop
         self.next_order_id = 1
@@ -391,9 +395,10 @@ class Engine:
         symbol = maker.symbol
         trade_id = self.next_trade_id
         self.next_trade_id = trade_id + 1
-        notional = price * qty * self.tick_values[symbol]
-        maker_fee = notional * self.maker_ppm // 1_000_000
-        taker_fee = notional * self.taker_ppm // 1_000_000
+        ticks = price * qty
+        maker_rate, taker_rate = self._fee_rates[symbol]
+        maker_fee = ticks * maker_rate // 1_000_000
+        taker_fee = ticks * taker_rate // 1_000_000
         if taker.is_buy:
             buyer, seller, buy_fee, sell_fee = taker, maker, taker_fee, maker_fee
         else:

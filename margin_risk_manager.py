@@ -31,6 +31,13 @@ class MarginRiskManager:
         self.maintenance_bps = config.maintenance_bps
         self.ledger = ledger
         self.watch = MarginWatch()
+        # per symbol, tick value x bps: with the sign kept out of products (see
+        # positions.book_fill) the checks below stay in machine ints under mypyc, and the
+        # trader's cash, a bignum at realistic scales, only meets them in one comparison
+        self._initial_rates = {symbol: tick_value * self.initial_bps
+                               for symbol, tick_value in ledger.tick_values.items()}
+        self._maintenance_rates = {symbol: tick_value * self.maintenance_bps
+                                   for symbol, tick_value in ledger.tick_values.items()}
 
     def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (MarginConfig(), self.ledger)
@@ -44,11 +51,12 @@ class MarginRiskManager:
             return None
         if account is None:
             positions: dict[str, Position] = {}
-            equity = self.ledger.initial_cash
+            cash = self.ledger.initial_cash
         else:
-            positions, equity = account.positions, account.cash
-        tick_values = self.ledger.tick_values
-        worst_value = 0
+            positions, cash = account.positions, account.cash
+        tick_values, initial_rates = self.ledger.tick_values, self._initial_rates
+        held_value = 0  # the positions valued at the marks
+        worst_margin = 0  # the worst-case value times initial_bps
         # exposure has an entry for every symbol the trader ever ordered in, so for every
         # symbol it can hold: one pass covers the whole account
         exposure = trader.exposure
@@ -60,17 +68,21 @@ class MarginRiskManager:
                     open_buy += added_qty
                 else:
                     open_sell += added_qty
-            value = marks[sym] * tick_values[sym]
-            equity += held * value
-            long_worst, short_worst = held + open_buy, open_sell - held
-            worst_value += (long_worst if long_worst > short_worst else short_worst) * value
+            mark = marks[sym]
+            if held > 0:
+                held_value += held * mark * tick_values[sym]
+            elif held < 0:
+                held_value -= -held * mark * tick_values[sym]
+            long_worst, short_worst = held + open_buy, open_sell - held  # neither below 0
+            worst_margin += (long_worst if long_worst > short_worst else short_worst) * mark \
+                * initial_rates[sym]
         if symbol not in exposure:  # the trader's first order in this symbol
-            worst_value += added_qty * marks[symbol] * tick_values[symbol]
-        required = worst_value * self.initial_bps // 10_000
-        if required > equity:
+            worst_margin += added_qty * marks[symbol] * initial_rates[symbol]
+        required = worst_margin // 10_000
+        if required - held_value > cash:  # more than the equity, cash + held_value
             return (RejectCode.RISK_INSUFFICIENT_MARGIN,
                     f"initial margin {required / MONEY_SCALE:.2f} would exceed equity "
-                    f"{equity / MONEY_SCALE:.2f}")
+                    f"{(cash + held_value) / MONEY_SCALE:.2f}")
         return None
 
     def margin_used(self, trader_id: str, marks: dict[str, int]) -> int:
@@ -95,23 +107,27 @@ class MarginRiskManager:
         account = self.ledger.accounts.get(trader_id)
         if account is None:
             return False
-        tick_values = self.ledger.tick_values
-        equity = account.cash
-        notional = 0
+        tick_values, maintenance_rates = self.ledger.tick_values, self._maintenance_rates
+        held_value = 0  # the positions valued at the marks
+        maintenance = 0  # their notional times maintenance_bps
         held: list[tuple[str, int, int]] = []
         for symbol, position in account.positions.items():
             qty = position.qty
             if qty:
                 mark = marks[symbol]
                 tick_value = tick_values[symbol]
-                per_tick = (qty if qty > 0 else -qty) * tick_value
-                equity += qty * mark * tick_value
-                notional += per_tick * mark
-                held.append((symbol, mark, per_tick))
-        slack = equity - notional * self.maintenance_bps // 10_000
-        if slack < 0:
+                size = qty if qty > 0 else -qty
+                if qty > 0:
+                    held_value += size * mark * tick_value
+                else:
+                    held_value -= size * mark * tick_value
+                maintenance += size * mark * maintenance_rates[symbol]
+                held.append((symbol, mark, size * tick_value))
+        maintenance //= 10_000
+        if maintenance - held_value > account.cash:  # the slack, equity - maintenance, < 0
             return True
         if held:
+            slack = account.cash + (held_value - maintenance)
             budget = (slack - 1 if slack > 1 else 0) * 10_000
             divisor = len(held) * (10_000 + self.maintenance_bps)
             bands: list[tuple[str, int, int]] = []
