@@ -9,14 +9,13 @@
 Checking every holder after every trade would cost O(traders) per trade. Instead a
 trader that passes a check gets a *safe band* per held symbol: the marks within which
 its slack (equity minus maintenance) cannot be used up. ``MarginWatch`` keeps the bands
-in heaps, so a trade re-checks only the traders whose band it left (and the engine adds
-those whose account a fill changed).
+with a per-symbol bound on them, so a trade re-checks only the traders whose band it
+left (and the engine adds those whose account a fill changed).
 """
 
 from __future__ import annotations
 
-import heapq
-from typing import Any
+from typing import Any, Final
 
 from config import MONEY_SCALE, MarginConfig
 from models import RejectCode
@@ -138,59 +137,76 @@ class MarginRiskManager:
         return False
 
 
-class MarginWatch:
-    """Safe mark bands per trader and symbol, in heaps by each edge.
+# Bounds of a symbol's bands before any is armed: every mark lies between them
+_NO_FLOOR: Final = -(1 << 62)
+_NO_CEILING: Final = (1 << 62) - 1
 
-    A trader is safe while every mark stays inside its band. Re-arming or disarming a
-    trader leaves its old heap entries behind; they carry the arming's number and are
-    skipped when popped, or dropped when a heap compacts itself.
+
+class SymbolBands:
+    """The traders' bands in one symbol, and a bound on them all: no band excludes a
+    mark between ``floor`` (at least the highest low edge) and ``ceiling`` (at most the
+    lowest high edge). The bound may be stale on the safe side (too narrow) after a
+    re-arming or disarming; the next scan makes it exact."""
+
+    __slots__ = ("ceiling", "entries", "floor")
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[int, int, int]] = {}  # trader -> (low, high, arming)
+        self.floor = _NO_FLOOR
+        self.ceiling = _NO_CEILING
+
+
+class MarginWatch:
+    """Safe mark bands per trader and symbol.
+
+    A trader is safe while every mark stays inside its band. Most marks move within
+    every band, which the per-symbol bound answers in O(1); a mark past the bound scans
+    that symbol's bands. Re-arming a trader replaces its entries; disarming it leaves
+    them behind, skipped and dropped by the next scan, as they carry an arming number
+    that is no longer the trader's.
     """
 
     def __init__(self) -> None:
-        self._lows: dict[str, list[tuple[int, int, str]]] = {}  # (-low edge, arming, trader)
-        self._highs: dict[str, list[tuple[int, int, str]]] = {}  # (high edge, arming, trader)
+        self._bands: dict[str, SymbolBands] = {}
         self._armed: dict[str, int] = {}  # trader -> its current arming number
         self._armings = 0
 
     def arm(self, trader_id: str, bands: list[tuple[str, int, int]]) -> None:
         self._armings += 1
         arming = self._armed[trader_id] = self._armings
-        push = heapq.heappush
         for symbol, low, high in bands:
-            lows = self._lows.get(symbol)
-            if lows is None:
-                lows = self._lows[symbol] = []
-                self._highs[symbol] = []
-            highs = self._highs[symbol]
-            push(lows, (-low, arming, trader_id))
-            push(highs, (high, arming, trader_id))
-            if len(lows) > 4 * len(self._armed) + 64:
-                self._lows[symbol] = self._compacted(lows)
-                self._highs[symbol] = self._compacted(highs)
+            symbol_bands = self._bands.get(symbol)
+            if symbol_bands is None:
+                symbol_bands = self._bands[symbol] = SymbolBands()
+            symbol_bands.entries[trader_id] = (low, high, arming)
+            if low > symbol_bands.floor:
+                symbol_bands.floor = low
+            if high < symbol_bands.ceiling:
+                symbol_bands.ceiling = high
 
     def disarm(self, trader_id: str) -> None:
         self._armed.pop(trader_id, None)
 
     def pop_outside(self, symbol: str, mark: int) -> list[str]:
         """Disarm and return the traders whose band in ``symbol`` excludes ``mark``."""
+        symbol_bands = self._bands.get(symbol)
+        if symbol_bands is None or symbol_bands.floor <= mark <= symbol_bands.ceiling:
+            return []
         left: list[str] = []
         armed = self._armed
-        lows = self._lows.get(symbol)
-        while lows and -lows[0][0] > mark:
-            _, arming, trader_id = heapq.heappop(lows)
-            if armed.get(trader_id) == arming:
+        entries = symbol_bands.entries
+        floor, ceiling = _NO_FLOOR, _NO_CEILING
+        for trader_id, (low, high, arming) in list(entries.items()):
+            if armed.get(trader_id) != arming:
+                del entries[trader_id]  # disarmed, or re-armed without this symbol
+            elif low > mark or high < mark:
+                del entries[trader_id]
                 del armed[trader_id]
                 left.append(trader_id)
-        highs = self._highs.get(symbol)
-        while highs and highs[0][0] < mark:
-            _, arming, trader_id = heapq.heappop(highs)
-            if armed.get(trader_id) == arming:
-                del armed[trader_id]
-                left.append(trader_id)
+            else:
+                if low > floor:
+                    floor = low
+                if high < ceiling:
+                    ceiling = high
+        symbol_bands.floor, symbol_bands.ceiling = floor, ceiling
         return left
-
-    def _compacted(self, heap: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
-        armed = self._armed
-        live = [entry for entry in heap if armed.get(entry[2]) == entry[1]]
-        heapq.heapify(live)
-        return live
