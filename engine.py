@@ -279,8 +279,7 @@ class Engine:
     # ================================================================= new orders
 
     def _new_order(self, cmd: NewOrder) -> None:
-        # each field read once: from compiled code (native_core.py) a field of an
-        # interpreted dataclass costs a generic attribute lookup every time
+        # each field read once, into locals
         trader_id, symbol, side, order_type, qty, price, tif = (
             cmd.trader_id, cmd.symbol, cmd.side, cmd.order_type, cmd.qty, cmd.price, cmd.tif)
         trader = self.traders.get(trader_id) or self.trader(trader_id)

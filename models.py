@@ -126,12 +126,33 @@ class RejectCode(StrEnum):
     LOCKSTEP_BAD_STEP = "LOCKSTEP_BAD_STEP"
 
 
+# --------------------------------------------------------------------------- records
+# Commands and events cross the engine's hot path, several per order. The compiled build
+# (native_core.py) makes them native classes: an explicit ``__init__`` is compiled with
+# them, where the one ``@dataclass`` would generate runs interpreted (it cost the compiled
+# engine more than all its matching), and the engine reads their fields as C struct
+# members. ``@dataclass`` still gives them their fields, ``__eq__`` and ``__repr__``;
+# tests/test_native_core.py checks each ``__init__`` against the fields.
+
+
+@mypyc_attr(acyclic=True)
+class _Record:
+    """What every command and event class shares: pickling and copying by its fields
+    (snapshots hold the last command's events; see native_core.py for why a compiled
+    class needs this)."""
+
+    __slots__ = ()
+
+    def __getnewargs__(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, field.name) for field in dataclasses.fields(self))  # type: ignore[arg-type]
+
+
 # --------------------------------------------------------------------------- commands
 
 
-@mypyc_attr(native_class=False)
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class NewOrder:
+class NewOrder(_Record):
     trader_id: str
     client_order_id: str
     symbol: str
@@ -144,43 +165,91 @@ class NewOrder:
     post_only: bool = False
     stp: StpMode = StpMode.CANCEL_RESTING
 
+    def __init__(self, trader_id: str, client_order_id: str, symbol: str, side: Side,
+                 order_type: OrderType, qty: int, price: int | None = None,
+                 stop_price: int | None = None, tif: TimeInForce = TimeInForce.GTC,
+                 post_only: bool = False, stp: StpMode = StpMode.CANCEL_RESTING) -> None:
+        self.trader_id = trader_id
+        self.client_order_id = client_order_id
+        self.symbol = symbol
+        self.side = side
+        self.order_type = order_type
+        self.qty = qty
+        self.price = price
+        self.stop_price = stop_price
+        self.tif = tif
+        self.post_only = post_only
+        self.stp = stp
 
-@mypyc_attr(native_class=False)
+
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class CancelOrder:
+class CancelOrder(_Record):
     trader_id: str
     order_id: int | None = None
     client_order_id: str | None = None
 
+    def __init__(self, trader_id: str, order_id: int | None = None,
+                 client_order_id: str | None = None) -> None:
+        self.trader_id = trader_id
+        self.order_id = order_id
+        self.client_order_id = client_order_id
 
-@mypyc_attr(native_class=False)
+
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class AmendOrder:
+class AmendOrder(_Record):
     trader_id: str
     order_id: int | None = None
     client_order_id: str | None = None
     price: int | None = None
     qty: int | None = None  # the new total quantity
 
+    def __init__(self, trader_id: str, order_id: int | None = None,
+                 client_order_id: str | None = None, price: int | None = None,
+                 qty: int | None = None) -> None:
+        self.trader_id = trader_id
+        self.order_id = order_id
+        self.client_order_id = client_order_id
+        self.price = price
+        self.qty = qty
 
-@mypyc_attr(native_class=False)
+
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class CancelAll:
+class CancelAll(_Record):
     trader_id: str
     symbol: str | None = None
     reason: CancelReason = CancelReason.USER  # the gateway uses DISCONNECT
 
+    def __init__(self, trader_id: str, symbol: str | None = None,
+                 reason: CancelReason = CancelReason.USER) -> None:
+        self.trader_id = trader_id
+        self.symbol = symbol
+        self.reason = reason
 
-@mypyc_attr(native_class=False)
+
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class SetMarketOpen:
+class SetMarketOpen(_Record):
     """Open or close trading in a symbol (``None``: every symbol). Admin only."""
 
     is_open: bool
     symbol: str | None = None
 
+    def __init__(self, is_open: bool, symbol: str | None = None) -> None:
+        self.is_open = is_open
+        self.symbol = symbol
+
 
 Command = NewOrder | CancelOrder | AmendOrder | CancelAll | SetMarketOpen
+
+# A native class has no ``__slots__`` at run time; the journal reads a command's fields
+# in order from there, so it gets the ones a slotted dataclass has in the pure build.
+for _command in (NewOrder, CancelOrder, AmendOrder, CancelAll, SetMarketOpen):
+    if "__slots__" not in _command.__dict__:
+        _names = tuple(field.name for field in dataclasses.fields(_command))
+        setattr(_command, "__slots__", _names)  # noqa: B010 (mypy: not assignable)
 
 
 # Session-level requests: answered by the gateway, never sequenced by the engine.
@@ -264,28 +333,11 @@ Request = (Login | GetPosition | GetOpenOrders | Ping | NewOrder | CancelOrder |
 
 
 # --------------------------------------------------------------------------- events
-# Events are built on the engine's hot path, several per command. The compiled build
-# (native_core.py) makes them native classes: an explicit ``__init__`` is compiled with
-# them, where the one ``@dataclass`` would generate runs interpreted (it cost the compiled
-# engine more than all its matching). ``@dataclass`` still gives them their fields,
-# ``__eq__`` and ``__repr__``; tests/test_models.py checks each ``__init__`` against the
-# fields.
-
-
-@mypyc_attr(acyclic=True)
-class _Event:
-    """What every event class shares: pickling by its fields (snapshots hold the events
-    of the last command; see native_core.py for why a compiled class needs this)."""
-
-    __slots__ = ()
-
-    def __getnewargs__(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, field.name) for field in dataclasses.fields(self))  # type: ignore[arg-type]
 
 
 @mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class OrderAccepted(_Event):
+class OrderAccepted(_Record):
     ts: int
     order_id: int
     trader_id: str
@@ -353,7 +405,7 @@ class AmendRejected:
 
 @mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class Trade(_Event):
+class Trade(_Record):
     """One execution. Both sides' fills and the public print come from this one event."""
 
     ts: int
@@ -400,7 +452,7 @@ class Trade(_Event):
 
 @mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class OrderCanceled(_Event):
+class OrderCanceled(_Record):
     ts: int
     order_id: int
     trader_id: str
@@ -424,7 +476,7 @@ class OrderCanceled(_Event):
 
 @mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class OrderAmended(_Event):
+class OrderAmended(_Record):
     ts: int
     order_id: int
     trader_id: str
@@ -453,7 +505,7 @@ class OrderAmended(_Event):
 
 @mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class OrderTriggered(_Event):
+class OrderTriggered(_Record):
     ts: int
     order_id: int
     trader_id: str
@@ -471,7 +523,7 @@ class OrderTriggered(_Event):
 
 @mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class BookChanged(_Event):
+class BookChanged(_Record):
     """One resting order changed (L3) and the new total of its price level (L2)."""
 
     symbol: str
@@ -495,7 +547,7 @@ class BookChanged(_Event):
 
 @mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class PositionChanged(_Event):
+class PositionChanged(_Record):
     ts: int
     trader_id: str
     symbol: str
@@ -519,7 +571,7 @@ class PositionChanged(_Event):
 
 @mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class TraderStatusChanged(_Event):
+class TraderStatusChanged(_Record):
     ts: int
     trader_id: str
     status: TraderStatus
@@ -532,7 +584,7 @@ class TraderStatusChanged(_Event):
 
 @mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class MarketStatusChanged(_Event):
+class MarketStatusChanged(_Record):
     ts: int
     symbol: str
     is_open: bool

@@ -167,6 +167,9 @@ def crossing_stream_fingerprint() -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
+COMMANDS = ("NewOrder", "CancelOrder", "AmendOrder", "CancelAll", "SetMarketOpen")
+
+
 @functools.cache
 def _source_annotations() -> dict[str, dict[str, str]]:
     """Each event's field annotations as written in models.py (the compiled module's
@@ -179,13 +182,14 @@ def _source_annotations() -> dict[str, dict[str, str]]:
         spec.loader.exec_module(source)
     finally:
         del sys.modules[spec.name]
-    return {name: {field.name: str(field.type) for field in dataclasses.fields(cls)}
-            for cls, name in source.EVENT_TYPE_NAMES.items()}
+    classes = [*source.EVENT_TYPE_NAMES, *(getattr(source, name) for name in COMMANDS)]
+    return {cls.__name__: {field.name: str(field.type) for field in dataclasses.fields(cls)}
+            for cls in classes}
 
 
 def _sample_fields(cls: type) -> dict[str, object]:
     """A distinct, well-typed value for every field of an event class."""
-    annotations = _source_annotations()[models.EVENT_TYPE_NAMES[cls]]
+    annotations = _source_annotations()[cls.__name__]
     values: dict[str, object] = {}
     for number, (name, hint) in enumerate(annotations.items(), start=1):
         kind = hint.removesuffix(" | None")
@@ -201,10 +205,13 @@ def _sample_fields(cls: type) -> dict[str, object]:
     return values
 
 
-@pytest.mark.parametrize("cls", list(models.EVENT_TYPE_NAMES), ids=lambda cls: cls.__name__)
-def test_every_event_constructor_takes_its_fields_in_order(cls: type) -> None:
-    """Events spell out ``__init__`` so the compiled build compiles it; it must take
-    exactly the dataclass fields, in order, with their defaults."""
+@pytest.mark.parametrize(
+    "cls", [*models.EVENT_TYPE_NAMES, *(getattr(models, name) for name in COMMANDS)],
+    ids=lambda cls: cls.__name__)
+def test_every_record_constructor_takes_its_fields_in_order(cls: type) -> None:
+    """Commands and events spell out ``__init__`` so the compiled build compiles it; it
+    must take exactly the dataclass fields, in order, with their defaults (and commands
+    keep ``__slots__`` in that order: the journal reads them)."""
     values = _sample_fields(cls)
     by_position = cls(*values.values())
     assert by_position == cls(**values)
@@ -216,3 +223,5 @@ def test_every_event_constructor_takes_its_fields_in_order(cls: type) -> None:
         if field.default is not dataclasses.MISSING:
             assert getattr(defaults, field.name) == field.default
     assert pickle.loads(pickle.dumps(by_position, pickle.HIGHEST_PROTOCOL)) == by_position
+    if cls.__name__ in COMMANDS:
+        assert cls.__slots__ == tuple(values)
