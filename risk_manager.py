@@ -68,9 +68,17 @@ class RiskManager:
         if rate_ts is None:
             trader.rate_ts = ts
         elif ts > rate_ts:
-            tokens += (ts - rate_ts) * self._refill_per_us
-            if tokens > self._capacity:
+            # A bucket that the time elapsed refills to the brim is the common case;
+            # testing it by division keeps a large refill rate out of the product
+            # (a factor past 2**30 leaves mypyc's machine-int multiply).
+            elapsed, refill = ts - rate_ts, self._refill_per_us
+            room = self._capacity - tokens
+            if refill > 0 and elapsed >= -(-room // refill):  # elapsed * refill >= room
                 tokens = self._capacity
+            else:
+                tokens += elapsed * refill
+                if tokens > self._capacity:
+                    tokens = self._capacity
             trader.rate_ts = ts
         if tokens < _TOKEN:
             trader.rate_tokens = tokens
