@@ -104,13 +104,13 @@ class PriceLevel:
         """Entries from the head on, live and dead."""
         return len(self.orders) - self.head
 
-    def pop_head(self) -> None:
-        """Drop the entry at the head (filled, canceled or dead)."""
-        head = self.head + 1
+    def trim(self) -> None:
+        """Drop the consumed prefix once it is most of the list (matching moves the head
+        and trims once per visit to the level)."""
+        head = self.head
         if head > 16 and 2 * head > len(self.orders):
             del self.orders[:head]
-            head = 0
-        self.head = head
+            self.head = 0
 
     def live_orders(self) -> Iterator[Order]:
         orders = self.orders
@@ -303,7 +303,7 @@ class OrderBook:
         level.live_count -= 1
         if level.live_count == 0:
             del side.levels[order.price]  # type: ignore[arg-type]
-        elif level.entries() > 2 * level.live_count + 16:
+        elif len(level.orders) - level.head > 2 * level.live_count + 16:
             level.compact()
         return order, canceled, level.total_qty
 
@@ -333,15 +333,18 @@ class OrderBook:
                                                          else price < limit)):
                 return False
             level = levels[price]
+            orders = level.orders
             while taker.leaves_qty and level.live_count:
-                maker = level.orders[level.head]
+                maker = orders[level.head]
                 if not maker.leaves_qty:
-                    level.pop_head()  # a lazily canceled order reached the head
+                    level.head += 1  # a lazily canceled order reached the head
                     continue
                 if maker.trader_id == taker.trader_id:
                     if self._prevent_self_trade(maker, taker, level, sink):
                         if not level.live_count:
                             del levels[price]
+                        else:
+                            level.trim()
                         return True
                     continue  # the maker is gone, or the taker was decremented to nothing
                 qty = maker.leaves_qty if maker.leaves_qty < taker.leaves_qty \
@@ -350,12 +353,14 @@ class OrderBook:
                 taker.leaves_qty -= qty
                 level.total_qty -= qty
                 if not maker.leaves_qty:
-                    level.pop_head()
+                    level.head += 1
                     level.live_count -= 1
                     del resting[maker.order_id]
                 sink.on_fill(maker, taker, price, qty, level.total_qty)
             if not level.live_count:
                 del levels[price]
+            else:
+                level.trim()
         return False
 
     def _prevent_self_trade(self, maker: Order, taker: Order, level: PriceLevel,
@@ -373,14 +378,14 @@ class OrderBook:
             taker.qty -= qty
             level.total_qty -= qty
             if not maker.leaves_qty:
-                level.pop_head()
+                level.head += 1
                 level.live_count -= 1
                 del self.resting_orders[maker.order_id]
             sink.on_decrement(maker, taker, qty, level.total_qty)
             return False
         # cancel_resting and cancel_both both take the maker out
         canceled = maker.leaves_qty
-        level.pop_head()
+        level.head += 1
         level.live_count -= 1
         level.total_qty -= canceled
         maker.leaves_qty = 0
