@@ -59,7 +59,8 @@ class MarginRiskManager:
         # exposure has an entry for every symbol the trader ever ordered in, so for every
         # symbol it can hold: one pass covers the whole account
         exposure = trader.exposure
-        for sym, (open_buy, open_sell) in exposure.items():
+        for sym, open_qty in exposure.items():
+            open_buy, open_sell = open_qty.buy, open_qty.sell
             position = positions.get(sym)
             held = position.qty if position is not None else 0
             if sym == symbol:
