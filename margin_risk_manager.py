@@ -143,6 +143,20 @@ _NO_FLOOR: Final = -(1 << 62)
 _NO_CEILING: Final = (1 << 62) - 1
 
 
+class Band:
+    """One trader's safe band in one symbol, from its arming number ``arming``."""
+
+    __slots__ = ("arming", "high", "low")
+
+    def __init__(self, low: int, high: int, arming: int) -> None:
+        self.low = low
+        self.high = high
+        self.arming = arming
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
+        return (self.low, self.high, self.arming)
+
+
 class SymbolBands:
     """The traders' bands in one symbol, and a bound on them all: no band excludes a
     mark between ``floor`` (at least the highest low edge) and ``ceiling`` (at most the
@@ -152,7 +166,7 @@ class SymbolBands:
     __slots__ = ("ceiling", "entries", "floor")
 
     def __init__(self) -> None:
-        self.entries: dict[str, tuple[int, int, int]] = {}  # trader -> (low, high, arming)
+        self.entries: dict[str, Band] = {}  # by trader
         self.floor = _NO_FLOOR
         self.ceiling = _NO_CEILING
 
@@ -179,14 +193,20 @@ class MarginWatch:
             symbol_bands = self._bands.get(symbol)
             if symbol_bands is None:
                 symbol_bands = self._bands[symbol] = SymbolBands()
-            symbol_bands.entries[trader_id] = (low, high, arming)
+            band = symbol_bands.entries.get(trader_id)
+            if band is None:
+                symbol_bands.entries[trader_id] = Band(low, high, arming)
+            else:  # re-armed: the one entry per trader and symbol is updated in place
+                band.low, band.high, band.arming = low, high, arming
             if low > symbol_bands.floor:
                 symbol_bands.floor = low
             if high < symbol_bands.ceiling:
                 symbol_bands.ceiling = high
 
     def disarm(self, trader_id: str) -> None:
-        self._armed.pop(trader_id, None)
+        armed = self._armed
+        if trader_id in armed:
+            del armed[trader_id]
 
     def pop_outside(self, symbol: str, mark: int) -> list[str]:
         """Disarm and return the traders whose band in ``symbol`` excludes ``mark``."""
@@ -197,17 +217,17 @@ class MarginWatch:
         armed = self._armed
         entries = symbol_bands.entries
         floor, ceiling = _NO_FLOOR, _NO_CEILING
-        for trader_id, (low, high, arming) in list(entries.items()):
-            if armed.get(trader_id) != arming:
+        for trader_id, band in list(entries.items()):
+            if armed.get(trader_id) != band.arming:
                 del entries[trader_id]  # disarmed, or re-armed without this symbol
-            elif low > mark or high < mark:
+            elif band.low > mark or band.high < mark:
                 del entries[trader_id]
                 del armed[trader_id]
                 left.append(trader_id)
             else:
-                if low > floor:
-                    floor = low
-                if high < ceiling:
-                    ceiling = high
+                if band.low > floor:
+                    floor = band.low
+                if band.high < ceiling:
+                    ceiling = band.high
         symbol_bands.floor, symbol_bands.ceiling = floor, ceiling
         return left
