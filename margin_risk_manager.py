@@ -110,31 +110,35 @@ class MarginRiskManager:
         tick_values, maintenance_rates = self.ledger.tick_values, self._maintenance_rates
         held_value = 0  # the positions valued at the marks
         maintenance = 0  # their notional times maintenance_bps
-        held: list[tuple[str, int, int]] = []
-        for symbol, position in account.positions.items():
+        held = 0
+        positions = account.positions
+        for symbol, position in positions.items():
             qty = position.qty
             if qty:
                 mark = marks[symbol]
-                tick_value = tick_values[symbol]
                 size = qty if qty > 0 else -qty
                 if qty > 0:
-                    held_value += size * mark * tick_value
+                    held_value += size * mark * tick_values[symbol]
                 else:
-                    held_value -= size * mark * tick_value
+                    held_value -= size * mark * tick_values[symbol]
                 maintenance += size * mark * maintenance_rates[symbol]
-                held.append((symbol, mark, size * tick_value))
+                held += 1
         maintenance //= 10_000
-        if maintenance - held_value > account.cash:  # the slack, equity - maintenance, < 0
+        cash = account.cash
+        if maintenance - held_value > cash:  # the slack, equity - maintenance, < 0
             return True
         if held:
-            slack = account.cash + (held_value - maintenance)
-            budget = (slack - 1 if slack > 1 else 0) * 10_000
-            divisor = len(held) * (10_000 + self.maintenance_bps)
-            bands: list[tuple[str, int, int]] = []
-            for symbol, mark, per_tick in held:
-                reach = budget // (divisor * per_tick)
-                bands.append((symbol, mark - reach, mark + reach))
-            watch.arm(trader_id, bands)
+            excess = held_value - maintenance - 1  # slack - 1 is cash + excess
+            budget = (cash + excess) * 10_000 if -excess < cash else 0
+            divisor = held * (10_000 + self.maintenance_bps)
+            arming = watch.begin_arming(trader_id)
+            for symbol, position in positions.items():
+                qty = position.qty
+                if qty:
+                    mark = marks[symbol]
+                    per_tick = (qty if qty > 0 else -qty) * tick_values[symbol]
+                    reach = budget // (divisor * per_tick)
+                    watch.add_band(symbol, trader_id, mark - reach, mark + reach, arming)
         return False
 
 
@@ -187,21 +191,30 @@ class MarginWatch:
         self._armings = 0
 
     def arm(self, trader_id: str, bands: list[tuple[str, int, int]]) -> None:
+        """Arm ``trader_id`` with ``(symbol, low edge, high edge)`` bands."""
+        arming = self.begin_arming(trader_id)
+        for symbol, low, high in bands:
+            self.add_band(symbol, trader_id, low, high, arming)
+
+    def begin_arming(self, trader_id: str) -> int:
+        """A new arming of ``trader_id``; its bands follow through ``add_band``."""
         self._armings += 1
         arming = self._armed[trader_id] = self._armings
-        for symbol, low, high in bands:
-            symbol_bands = self._bands.get(symbol)
-            if symbol_bands is None:
-                symbol_bands = self._bands[symbol] = SymbolBands()
-            band = symbol_bands.entries.get(trader_id)
-            if band is None:
-                symbol_bands.entries[trader_id] = Band(low, high, arming)
-            else:  # re-armed: the one entry per trader and symbol is updated in place
-                band.low, band.high, band.arming = low, high, arming
-            if low > symbol_bands.floor:
-                symbol_bands.floor = low
-            if high < symbol_bands.ceiling:
-                symbol_bands.ceiling = high
+        return arming
+
+    def add_band(self, symbol: str, trader_id: str, low: int, high: int, arming: int) -> None:
+        symbol_bands = self._bands.get(symbol)
+        if symbol_bands is None:
+            symbol_bands = self._bands[symbol] = SymbolBands()
+        band = symbol_bands.entries.get(trader_id)
+        if band is None:
+            symbol_bands.entries[trader_id] = Band(low, high, arming)
+        else:  # re-armed: the one entry per trader and symbol is updated in place
+            band.low, band.high, band.arming = low, high, arming
+        if low > symbol_bands.floor:
+            symbol_bands.floor = low
+        if high < symbol_bands.ceiling:
+            symbol_bands.ceiling = high
 
     def disarm(self, trader_id: str) -> None:
         armed = self._armed
