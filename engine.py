@@ -53,7 +53,7 @@ from orderbook import Order, OrderBook
 from positions import Ledger, PositionReport
 from risk_manager import Reject, RiskManager, TraderState, band_limit, check_price_band
 
-_BUY: Final = 0  # indexes into TraderState.exposure lists
+_BUY: Final = 0  # indexes into the [buy, sell] lists validate() builds
 _SELL: Final = 1
 # Enum members as module constants: on the hot path a global read is several times
 # cheaper than the class attribute lookup an enum member costs, and Final lets the
@@ -128,6 +128,10 @@ class Engine:
         self.margin = MarginRiskManager(config.margin, self.ledger)
         self.maker_ppm = config.fees.maker_ppm
         self.taker_ppm = config.fees.taker_ppm
+        # per symbol, money units per tick x lot x 1e6 of fee: price * qty * rate stays in
+        # machine ints under mypyc where price * qty * tick_value * ppm would not
+        self._fee_rates = {symbol: (tick_value * self.maker_ppm, tick_value * self.taker_ppm)
+                           for symbol, tick_value in self.tick_values.items()}
         self.traders: dict[str, TraderState] = {}
         self.orders: dict[int, Order] = {}  # every live order: resting or waiting stop
         self.next_order_id = 1
@@ -248,7 +252,8 @@ class Engine:
                 assert self.orders.get(order.order_id) is order, f"{order} is not indexed"
                 side = exposure.setdefault(order.symbol, [0, 0])
                 side[_BUY if order.is_buy else _SELL] += order.leaves_qty
-            for symbol, (buy, sell) in trader.exposure.items():
+            for symbol, open_qty in trader.exposure.items():
+                buy, sell = open_qty.buy, open_qty.sell
                 assert [buy, sell] == exposure.get(symbol, [0, 0]), \
                     f"{trader_id} {symbol} exposure {[buy, sell]} != open orders {exposure}"
         assert sum(len(t.live_orders) for t in self.traders.values()) == len(self.orders)
@@ -256,7 +261,7 @@ class Engine:
     def state_tuple(self) -> tuple:
         traders = tuple(
             (trader_id, t.status.value, t.rate_tokens, t.rate_ts,
-             tuple(sorted((s, tuple(q)) for s, q in t.exposure.items())))
+             tuple(sorted((s, (q.buy, q.sell)) for s, q in t.exposure.items())))
             for trader_id, t in sorted(self.traders.items()))
         stops = tuple(
             (symbol, tuple((o.order_id, o.trader_id, o.client_order_id, o.side.value,
@@ -275,8 +280,7 @@ class Engine:
     # ================================================================= new orders
 
     def _new_order(self, cmd: NewOrder) -> None:
-        # each field read once: from compiled code (native_core.py) a field of an
-        # interpreted dataclass costs a generic attribute lookup every time
+        # each field read once, into locals
         trader_id, symbol, side, order_type, qty, price, tif = (
             cmd.trader_id, cmd.symbol, cmd.side, cmd.order_type, cmd.qty, cmd.price, cmd.tif)
         trader = self.traders.get(trader_id) or self.trader(trader_id)
@@ -350,7 +354,7 @@ class Engine:
         trader.live_orders[order.client_order_id] = order
         symbol = order.symbol
         exposure = trader.exposure.get(symbol) or trader.open_qty(symbol)
-        exposure[_BUY if order.is_buy else _SELL] += order.qty
+        exposure.add(order.is_buy, order.qty)
         self._events.append(OrderAccepted(
             self._ts, order.order_id, order.trader_id, order.client_order_id, symbol,
             order.side, order.order_type, order.price, order.stop_price, order.qty, order.tif,
@@ -391,9 +395,10 @@ class Engine:
         symbol = maker.symbol
         trade_id = self.next_trade_id
         self.next_trade_id = trade_id + 1
-        notional = price * qty * self.tick_values[symbol]
-        maker_fee = notional * self.maker_ppm // 1_000_000
-        taker_fee = notional * self.taker_ppm // 1_000_000
+        ticks = price * qty
+        maker_rate, taker_rate = self._fee_rates[symbol]
+        maker_fee = ticks * maker_rate // 1_000_000
+        taker_fee = ticks * taker_rate // 1_000_000
         if taker.is_buy:
             buyer, seller, buy_fee, sell_fee = taker, maker, taker_fee, maker_fee
         else:
@@ -431,7 +436,7 @@ class Engine:
         ledger = self.ledger
         account = ledger.accounts.get(trader_id) or ledger.account(trader_id)
         position = ledger.book_fill(account, symbol, is_buy, price, qty, fee)
-        self.traders[trader_id].exposure[symbol][_BUY if is_buy else _SELL] -= qty
+        self.traders[trader_id].exposure[symbol].add(is_buy, -qty)
         self._events.append(PositionChanged(self._ts, trader_id, symbol, position.qty,
                                             position.open_cost, account.cash,
                                             position.realized, position.fees))
@@ -442,7 +447,7 @@ class Engine:
     def on_decrement(self, maker: Order, taker: Order, qty: int, level_qty: int) -> None:
         for order in (maker, taker):
             trader = self.traders[order.trader_id]
-            trader.exposure[order.symbol][_BUY if order.is_buy else _SELL] -= qty
+            trader.exposure[order.symbol].add(order.is_buy, -qty)
         if maker.leaves_qty:
             self._events.append(OrderAmended(self._ts, maker.order_id, maker.trader_id,
                                              maker.client_order_id, maker.symbol, maker.side,
@@ -506,7 +511,7 @@ class Engine:
         """Events and bookkeeping for a resting order the book has already taken out."""
         trader = self.traders[order.trader_id]
         if not counted:
-            trader.exposure[order.symbol][_BUY if order.is_buy else _SELL] -= canceled_qty
+            trader.exposure[order.symbol].add(order.is_buy, -canceled_qty)
         order_id, symbol, side = order.order_id, order.symbol, order.side
         self._events.append(OrderCanceled(self._ts, order_id, order.trader_id,
                                           order.client_order_id, symbol, side,
@@ -521,7 +526,7 @@ class Engine:
         canceled = order.leaves_qty
         order.leaves_qty = 0
         trader = self.traders[order.trader_id]
-        trader.exposure[order.symbol][_BUY if order.is_buy else _SELL] -= canceled
+        trader.exposure[order.symbol].add(order.is_buy, -canceled)
         self._events.append(OrderCanceled(self._ts, order.order_id, order.trader_id,
                                           order.client_order_id, order.symbol, order.side,
                                           canceled, reason))
@@ -546,7 +551,7 @@ class Engine:
         new_leaves = new_qty - order.filled_qty
         added = new_leaves - order.leaves_qty
         trader = self.traders[order.trader_id]
-        trader.exposure[order.symbol][_BUY if order.is_buy else _SELL] += added
+        trader.exposure[order.symbol].add(order.is_buy, added)
         book = self.books[order.symbol]
         keeps_priority = new_price == order.price and added <= 0
         if order.order_id not in book.resting_orders:  # a waiting stop: no queue to keep

@@ -9,14 +9,13 @@
 Checking every holder after every trade would cost O(traders) per trade. Instead a
 trader that passes a check gets a *safe band* per held symbol: the marks within which
 its slack (equity minus maintenance) cannot be used up. ``MarginWatch`` keeps the bands
-in heaps, so a trade re-checks only the traders whose band it left (and the engine adds
-those whose account a fill changed).
+with a per-symbol bound on them, so a trade re-checks only the traders whose band it
+left (and the engine adds those whose account a fill changed).
 """
 
 from __future__ import annotations
 
-import heapq
-from typing import Any
+from typing import Any, Final
 
 from config import MONEY_SCALE, MarginConfig
 from models import RejectCode
@@ -31,6 +30,13 @@ class MarginRiskManager:
         self.maintenance_bps = config.maintenance_bps
         self.ledger = ledger
         self.watch = MarginWatch()
+        # per symbol, tick value x bps: with the sign kept out of products (see
+        # positions.book_fill) the checks below stay in machine ints under mypyc, and the
+        # trader's cash, a bignum at realistic scales, only meets them in one comparison
+        self._initial_rates = {symbol: tick_value * self.initial_bps
+                               for symbol, tick_value in ledger.tick_values.items()}
+        self._maintenance_rates = {symbol: tick_value * self.maintenance_bps
+                                   for symbol, tick_value in ledger.tick_values.items()}
 
     def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (MarginConfig(), self.ledger)
@@ -44,15 +50,17 @@ class MarginRiskManager:
             return None
         if account is None:
             positions: dict[str, Position] = {}
-            equity = self.ledger.initial_cash
+            cash = self.ledger.initial_cash
         else:
-            positions, equity = account.positions, account.cash
-        tick_values = self.ledger.tick_values
-        worst_value = 0
+            positions, cash = account.positions, account.cash
+        tick_values, initial_rates = self.ledger.tick_values, self._initial_rates
+        held_value = 0  # the positions valued at the marks
+        worst_margin = 0  # the worst-case value times initial_bps
         # exposure has an entry for every symbol the trader ever ordered in, so for every
         # symbol it can hold: one pass covers the whole account
         exposure = trader.exposure
-        for sym, (open_buy, open_sell) in exposure.items():
+        for sym, open_qty in exposure.items():
+            open_buy, open_sell = open_qty.buy, open_qty.sell
             position = positions.get(sym)
             held = position.qty if position is not None else 0
             if sym == symbol:
@@ -60,17 +68,21 @@ class MarginRiskManager:
                     open_buy += added_qty
                 else:
                     open_sell += added_qty
-            value = marks[sym] * tick_values[sym]
-            equity += held * value
-            long_worst, short_worst = held + open_buy, open_sell - held
-            worst_value += (long_worst if long_worst > short_worst else short_worst) * value
+            mark = marks[sym]
+            if held > 0:
+                held_value += held * mark * tick_values[sym]
+            elif held < 0:
+                held_value -= -held * mark * tick_values[sym]
+            long_worst, short_worst = held + open_buy, open_sell - held  # neither below 0
+            worst_margin += (long_worst if long_worst > short_worst else short_worst) * mark \
+                * initial_rates[sym]
         if symbol not in exposure:  # the trader's first order in this symbol
-            worst_value += added_qty * marks[symbol] * tick_values[symbol]
-        required = worst_value * self.initial_bps // 10_000
-        if required > equity:
+            worst_margin += added_qty * marks[symbol] * initial_rates[symbol]
+        required = worst_margin // 10_000
+        if required - held_value > cash:  # more than the equity, cash + held_value
             return (RejectCode.RISK_INSUFFICIENT_MARGIN,
                     f"initial margin {required / MONEY_SCALE:.2f} would exceed equity "
-                    f"{equity / MONEY_SCALE:.2f}")
+                    f"{(cash + held_value) / MONEY_SCALE:.2f}")
         return None
 
     def margin_used(self, trader_id: str, marks: dict[str, int]) -> int:
@@ -95,86 +107,140 @@ class MarginRiskManager:
         account = self.ledger.accounts.get(trader_id)
         if account is None:
             return False
-        tick_values = self.ledger.tick_values
-        equity = account.cash
-        notional = 0
-        held: list[tuple[str, int, int]] = []
-        for symbol, position in account.positions.items():
+        tick_values, maintenance_rates = self.ledger.tick_values, self._maintenance_rates
+        held_value = 0  # the positions valued at the marks
+        maintenance = 0  # their notional times maintenance_bps
+        held = 0
+        positions = account.positions
+        for symbol, position in positions.items():
             qty = position.qty
             if qty:
                 mark = marks[symbol]
-                tick_value = tick_values[symbol]
-                per_tick = (qty if qty > 0 else -qty) * tick_value
-                equity += qty * mark * tick_value
-                notional += per_tick * mark
-                held.append((symbol, mark, per_tick))
-        slack = equity - notional * self.maintenance_bps // 10_000
-        if slack < 0:
+                size = qty if qty > 0 else -qty
+                if qty > 0:
+                    held_value += size * mark * tick_values[symbol]
+                else:
+                    held_value -= size * mark * tick_values[symbol]
+                maintenance += size * mark * maintenance_rates[symbol]
+                held += 1
+        maintenance //= 10_000
+        cash = account.cash
+        if maintenance - held_value > cash:  # the slack, equity - maintenance, < 0
             return True
         if held:
-            budget = (slack - 1 if slack > 1 else 0) * 10_000
-            divisor = len(held) * (10_000 + self.maintenance_bps)
-            bands: list[tuple[str, int, int]] = []
-            for symbol, mark, per_tick in held:
-                reach = budget // (divisor * per_tick)
-                bands.append((symbol, mark - reach, mark + reach))
-            watch.arm(trader_id, bands)
+            excess = held_value - maintenance - 1  # slack - 1 is cash + excess
+            budget = (cash + excess) * 10_000 if -excess < cash else 0
+            divisor = held * (10_000 + self.maintenance_bps)
+            arming = watch.begin_arming(trader_id)
+            for symbol, position in positions.items():
+                qty = position.qty
+                if qty:
+                    mark = marks[symbol]
+                    per_tick = (qty if qty > 0 else -qty) * tick_values[symbol]
+                    reach = budget // (divisor * per_tick)
+                    watch.add_band(symbol, trader_id, mark - reach, mark + reach, arming)
         return False
 
 
-class MarginWatch:
-    """Safe mark bands per trader and symbol, in heaps by each edge.
+# Bounds of a symbol's bands before any is armed: every mark lies between them
+_NO_FLOOR: Final = -(1 << 62)
+_NO_CEILING: Final = (1 << 62) - 1
 
-    A trader is safe while every mark stays inside its band. Re-arming or disarming a
-    trader leaves its old heap entries behind; they carry the arming's number and are
-    skipped when popped, or dropped when a heap compacts itself.
+
+class Band:
+    """One trader's safe band in one symbol, from its arming number ``arming``."""
+
+    __slots__ = ("arming", "high", "low")
+
+    def __init__(self, low: int, high: int, arming: int) -> None:
+        self.low = low
+        self.high = high
+        self.arming = arming
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
+        return (self.low, self.high, self.arming)
+
+
+class SymbolBands:
+    """The traders' bands in one symbol, and a bound on them all: no band excludes a
+    mark between ``floor`` (at least the highest low edge) and ``ceiling`` (at most the
+    lowest high edge). The bound may be stale on the safe side (too narrow) after a
+    re-arming or disarming; the next scan makes it exact."""
+
+    __slots__ = ("ceiling", "entries", "floor")
+
+    def __init__(self) -> None:
+        self.entries: dict[str, Band] = {}  # by trader
+        self.floor = _NO_FLOOR
+        self.ceiling = _NO_CEILING
+
+
+class MarginWatch:
+    """Safe mark bands per trader and symbol.
+
+    A trader is safe while every mark stays inside its band. Most marks move within
+    every band, which the per-symbol bound answers in O(1); a mark past the bound scans
+    that symbol's bands. Re-arming a trader replaces its entries; disarming it leaves
+    them behind, skipped and dropped by the next scan, as they carry an arming number
+    that is no longer the trader's.
     """
 
     def __init__(self) -> None:
-        self._lows: dict[str, list[tuple[int, int, str]]] = {}  # (-low edge, arming, trader)
-        self._highs: dict[str, list[tuple[int, int, str]]] = {}  # (high edge, arming, trader)
+        self._bands: dict[str, SymbolBands] = {}
         self._armed: dict[str, int] = {}  # trader -> its current arming number
         self._armings = 0
 
     def arm(self, trader_id: str, bands: list[tuple[str, int, int]]) -> None:
+        """Arm ``trader_id`` with ``(symbol, low edge, high edge)`` bands."""
+        arming = self.begin_arming(trader_id)
+        for symbol, low, high in bands:
+            self.add_band(symbol, trader_id, low, high, arming)
+
+    def begin_arming(self, trader_id: str) -> int:
+        """A new arming of ``trader_id``; its bands follow through ``add_band``."""
         self._armings += 1
         arming = self._armed[trader_id] = self._armings
-        push = heapq.heappush
-        for symbol, low, high in bands:
-            lows = self._lows.get(symbol)
-            if lows is None:
-                lows = self._lows[symbol] = []
-                self._highs[symbol] = []
-            highs = self._highs[symbol]
-            push(lows, (-low, arming, trader_id))
-            push(highs, (high, arming, trader_id))
-            if len(lows) > 4 * len(self._armed) + 64:
-                self._lows[symbol] = self._compacted(lows)
-                self._highs[symbol] = self._compacted(highs)
+        return arming
+
+    def add_band(self, symbol: str, trader_id: str, low: int, high: int, arming: int) -> None:
+        symbol_bands = self._bands.get(symbol)
+        if symbol_bands is None:
+            symbol_bands = self._bands[symbol] = SymbolBands()
+        band = symbol_bands.entries.get(trader_id)
+        if band is None:
+            symbol_bands.entries[trader_id] = Band(low, high, arming)
+        else:  # re-armed: the one entry per trader and symbol is updated in place
+            band.low, band.high, band.arming = low, high, arming
+        if low > symbol_bands.floor:
+            symbol_bands.floor = low
+        if high < symbol_bands.ceiling:
+            symbol_bands.ceiling = high
 
     def disarm(self, trader_id: str) -> None:
-        self._armed.pop(trader_id, None)
+        armed = self._armed
+        if trader_id in armed:
+            del armed[trader_id]
 
     def pop_outside(self, symbol: str, mark: int) -> list[str]:
         """Disarm and return the traders whose band in ``symbol`` excludes ``mark``."""
+        symbol_bands = self._bands.get(symbol)
+        if symbol_bands is None or symbol_bands.floor <= mark <= symbol_bands.ceiling:
+            return []
         left: list[str] = []
         armed = self._armed
-        lows = self._lows.get(symbol)
-        while lows and -lows[0][0] > mark:
-            _, arming, trader_id = heapq.heappop(lows)
-            if armed.get(trader_id) == arming:
+        entries = symbol_bands.entries
+        floor, ceiling = _NO_FLOOR, _NO_CEILING
+        for trader_id, band in list(entries.items()):
+            if armed.get(trader_id) != band.arming:
+                del entries[trader_id]  # disarmed, or re-armed without this symbol
+            elif band.low > mark or band.high < mark:
+                del entries[trader_id]
                 del armed[trader_id]
                 left.append(trader_id)
-        highs = self._highs.get(symbol)
-        while highs and highs[0][0] < mark:
-            _, arming, trader_id = heapq.heappop(highs)
-            if armed.get(trader_id) == arming:
-                del armed[trader_id]
-                left.append(trader_id)
+            else:
+                if band.low > floor:
+                    floor = band.low
+                if band.high < ceiling:
+                    ceiling = band.high
+        symbol_bands.floor, symbol_bands.ceiling = floor, ceiling
         return left
-
-    def _compacted(self, heap: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
-        armed = self._armed
-        live = [entry for entry in heap if armed.get(entry[2]) == entry[1]]
-        heapq.heapify(live)
-        return live

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 PROTOCOL_VERSION = 1
 
 
@@ -124,11 +126,33 @@ class RejectCode(StrEnum):
     LOCKSTEP_BAD_STEP = "LOCKSTEP_BAD_STEP"
 
 
+# --------------------------------------------------------------------------- records
+# Commands and events cross the engine's hot path, several per order. The compiled build
+# (native_core.py) makes them native classes: an explicit ``__init__`` is compiled with
+# them, where the one ``@dataclass`` would generate runs interpreted (it cost the compiled
+# engine more than all its matching), and the engine reads their fields as C struct
+# members. ``@dataclass`` still gives them their fields, ``__eq__`` and ``__repr__``;
+# tests/test_native_core.py checks each ``__init__`` against the fields.
+
+
+@mypyc_attr(acyclic=True)
+class _Record:
+    """What every command and event class shares: pickling and copying by its fields
+    (snapshots hold the last command's events; see native_core.py for why a compiled
+    class needs this)."""
+
+    __slots__ = ()
+
+    def __getnewargs__(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, field.name) for field in dataclasses.fields(self))  # type: ignore[arg-type]
+
+
 # --------------------------------------------------------------------------- commands
 
 
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class NewOrder:
+class NewOrder(_Record):
     trader_id: str
     client_order_id: str
     symbol: str
@@ -141,60 +165,116 @@ class NewOrder:
     post_only: bool = False
     stp: StpMode = StpMode.CANCEL_RESTING
 
+    def __init__(self, trader_id: str, client_order_id: str, symbol: str, side: Side,
+                 order_type: OrderType, qty: int, price: int | None = None,
+                 stop_price: int | None = None, tif: TimeInForce = TimeInForce.GTC,
+                 post_only: bool = False, stp: StpMode = StpMode.CANCEL_RESTING) -> None:
+        self.trader_id = trader_id
+        self.client_order_id = client_order_id
+        self.symbol = symbol
+        self.side = side
+        self.order_type = order_type
+        self.qty = qty
+        self.price = price
+        self.stop_price = stop_price
+        self.tif = tif
+        self.post_only = post_only
+        self.stp = stp
 
+
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class CancelOrder:
+class CancelOrder(_Record):
     trader_id: str
     order_id: int | None = None
     client_order_id: str | None = None
 
+    def __init__(self, trader_id: str, order_id: int | None = None,
+                 client_order_id: str | None = None) -> None:
+        self.trader_id = trader_id
+        self.order_id = order_id
+        self.client_order_id = client_order_id
 
+
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class AmendOrder:
+class AmendOrder(_Record):
     trader_id: str
     order_id: int | None = None
     client_order_id: str | None = None
     price: int | None = None
     qty: int | None = None  # the new total quantity
 
+    def __init__(self, trader_id: str, order_id: int | None = None,
+                 client_order_id: str | None = None, price: int | None = None,
+                 qty: int | None = None) -> None:
+        self.trader_id = trader_id
+        self.order_id = order_id
+        self.client_order_id = client_order_id
+        self.price = price
+        self.qty = qty
 
+
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class CancelAll:
+class CancelAll(_Record):
     trader_id: str
     symbol: str | None = None
     reason: CancelReason = CancelReason.USER  # the gateway uses DISCONNECT
 
+    def __init__(self, trader_id: str, symbol: str | None = None,
+                 reason: CancelReason = CancelReason.USER) -> None:
+        self.trader_id = trader_id
+        self.symbol = symbol
+        self.reason = reason
 
+
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class SetMarketOpen:
+class SetMarketOpen(_Record):
     """Open or close trading in a symbol (``None``: every symbol). Admin only."""
 
     is_open: bool
     symbol: str | None = None
 
+    def __init__(self, is_open: bool, symbol: str | None = None) -> None:
+        self.is_open = is_open
+        self.symbol = symbol
+
 
 Command = NewOrder | CancelOrder | AmendOrder | CancelAll | SetMarketOpen
+
+# A native class has no ``__slots__`` at run time; the journal reads a command's fields
+# in order from there, so it gets the ones a slotted dataclass has in the pure build.
+for _command in (NewOrder, CancelOrder, AmendOrder, CancelAll, SetMarketOpen):
+    if "__slots__" not in _command.__dict__:
+        _names = tuple(field.name for field in dataclasses.fields(_command))
+        setattr(_command, "__slots__", _names)  # noqa: B010 (mypy: not assignable)
 
 
 # Session-level requests: answered by the gateway, never sequenced by the engine.
 
 
+@mypyc_attr(native_class=False)
 @dataclass(slots=True)
 class Login:
     trader_id: str
     token: str | None = None
 
 
+@mypyc_attr(native_class=False)
 @dataclass(slots=True)
 class GetPosition:
     symbol: str | None = None
 
 
+@mypyc_attr(native_class=False)
 @dataclass(slots=True)
 class GetOpenOrders:
     symbol: str | None = None
 
 
+@mypyc_attr(native_class=False)
 @dataclass(slots=True)
 class Ping:
     pass
@@ -204,6 +284,7 @@ class Ping:
 # Session messages of lockstep (simulated-time) mode (``lockstep.py``): never sequenced.
 
 
+@mypyc_attr(native_class=False)
 @dataclass(slots=True)
 class LockstepJoin:
     """Take part in the lockstep; ``participants`` is how many bots the battle runs."""
@@ -211,6 +292,7 @@ class LockstepJoin:
     participants: int
 
 
+@mypyc_attr(native_class=False)
 @dataclass(slots=True)
 class StepDone:
     """The trader has sent all its inputs for step ``step``."""
@@ -218,6 +300,7 @@ class StepDone:
     step: int
 
 
+@mypyc_attr(native_class=False)
 @dataclass(slots=True)
 class LockstepLeave:
     """Leave the lockstep after the open step (the inputs sent before this are in it)."""
@@ -252,8 +335,9 @@ Request = (Login | GetPosition | GetOpenOrders | Ping | NewOrder | CancelOrder |
 # --------------------------------------------------------------------------- events
 
 
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class OrderAccepted:
+class OrderAccepted(_Record):
     ts: int
     order_id: int
     trader_id: str
@@ -268,7 +352,26 @@ class OrderAccepted:
     post_only: bool
     liquidation: bool = False
 
+    def __init__(self, ts: int, order_id: int, trader_id: str, client_order_id: str,
+                 symbol: str, side: Side, order_type: OrderType, price: int | None,
+                 stop_price: int | None, qty: int, tif: TimeInForce, post_only: bool,
+                 liquidation: bool = False) -> None:
+        self.ts = ts
+        self.order_id = order_id
+        self.trader_id = trader_id
+        self.client_order_id = client_order_id
+        self.symbol = symbol
+        self.side = side
+        self.order_type = order_type
+        self.price = price
+        self.stop_price = stop_price
+        self.qty = qty
+        self.tif = tif
+        self.post_only = post_only
+        self.liquidation = liquidation
 
+
+@mypyc_attr(native_class=False)  # rare, and tests match their message with ANY
 @dataclass(slots=True)
 class OrderRejected:
     ts: int
@@ -278,6 +381,7 @@ class OrderRejected:
     message: str
 
 
+@mypyc_attr(native_class=False)  # rare, and tests match their message with ANY
 @dataclass(slots=True)
 class CancelRejected:
     ts: int
@@ -288,6 +392,7 @@ class CancelRejected:
     message: str
 
 
+@mypyc_attr(native_class=False)  # rare, and tests match their message with ANY
 @dataclass(slots=True)
 class AmendRejected:
     ts: int
@@ -298,8 +403,9 @@ class AmendRejected:
     message: str
 
 
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class Trade:
+class Trade(_Record):
     """One execution. Both sides' fills and the public print come from this one event."""
 
     ts: int
@@ -320,9 +426,33 @@ class Trade:
     sell_fee: int
     liquidation: bool = False
 
+    def __init__(self, ts: int, trade_id: int, symbol: str, price: int, qty: int,
+                 aggressor: Side, buy_order_id: int, sell_order_id: int, buy_trader: str,
+                 sell_trader: str, buy_client_order_id: str, sell_client_order_id: str,
+                 buy_leaves_qty: int, sell_leaves_qty: int, buy_fee: int, sell_fee: int,
+                 liquidation: bool = False) -> None:
+        self.ts = ts
+        self.trade_id = trade_id
+        self.symbol = symbol
+        self.price = price
+        self.qty = qty
+        self.aggressor = aggressor
+        self.buy_order_id = buy_order_id
+        self.sell_order_id = sell_order_id
+        self.buy_trader = buy_trader
+        self.sell_trader = sell_trader
+        self.buy_client_order_id = buy_client_order_id
+        self.sell_client_order_id = sell_client_order_id
+        self.buy_leaves_qty = buy_leaves_qty
+        self.sell_leaves_qty = sell_leaves_qty
+        self.buy_fee = buy_fee
+        self.sell_fee = sell_fee
+        self.liquidation = liquidation
 
+
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class OrderCanceled:
+class OrderCanceled(_Record):
     ts: int
     order_id: int
     trader_id: str
@@ -332,9 +462,21 @@ class OrderCanceled:
     canceled_qty: int
     reason: CancelReason
 
+    def __init__(self, ts: int, order_id: int, trader_id: str, client_order_id: str,
+                 symbol: str, side: Side, canceled_qty: int, reason: CancelReason) -> None:
+        self.ts = ts
+        self.order_id = order_id
+        self.trader_id = trader_id
+        self.client_order_id = client_order_id
+        self.symbol = symbol
+        self.side = side
+        self.canceled_qty = canceled_qty
+        self.reason = reason
 
+
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class OrderAmended:
+class OrderAmended(_Record):
     ts: int
     order_id: int
     trader_id: str
@@ -346,18 +488,42 @@ class OrderAmended:
     leaves_qty: int
     priority_kept: bool
 
+    def __init__(self, ts: int, order_id: int, trader_id: str, client_order_id: str,
+                 symbol: str, side: Side, price: int | None, qty: int, leaves_qty: int,
+                 priority_kept: bool) -> None:
+        self.ts = ts
+        self.order_id = order_id
+        self.trader_id = trader_id
+        self.client_order_id = client_order_id
+        self.symbol = symbol
+        self.side = side
+        self.price = price
+        self.qty = qty
+        self.leaves_qty = leaves_qty
+        self.priority_kept = priority_kept
 
+
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class OrderTriggered:
+class OrderTriggered(_Record):
     ts: int
     order_id: int
     trader_id: str
     client_order_id: str
     symbol: str
 
+    def __init__(self, ts: int, order_id: int, trader_id: str, client_order_id: str,
+                 symbol: str) -> None:
+        self.ts = ts
+        self.order_id = order_id
+        self.trader_id = trader_id
+        self.client_order_id = client_order_id
+        self.symbol = symbol
 
+
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class BookChanged:
+class BookChanged(_Record):
     """One resting order changed (L3) and the new total of its price level (L2)."""
 
     symbol: str
@@ -368,9 +534,20 @@ class BookChanged:
     order_qty: int  # the order's remaining quantity after the change
     level_qty: int  # the price level's total after the change; 0 removes the level
 
+    def __init__(self, symbol: str, action: BookAction, order_id: int, side: Side, price: int,
+                 order_qty: int, level_qty: int) -> None:
+        self.symbol = symbol
+        self.action = action
+        self.order_id = order_id
+        self.side = side
+        self.price = price
+        self.order_qty = order_qty
+        self.level_qty = level_qty
 
+
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class PositionChanged:
+class PositionChanged(_Record):
     ts: int
     trader_id: str
     symbol: str
@@ -380,19 +557,42 @@ class PositionChanged:
     realized_pnl: int  # money units, this symbol
     fees: int  # money units paid in this symbol
 
+    def __init__(self, ts: int, trader_id: str, symbol: str, position: int, open_cost: int,
+                 cash: int, realized_pnl: int, fees: int) -> None:
+        self.ts = ts
+        self.trader_id = trader_id
+        self.symbol = symbol
+        self.position = position
+        self.open_cost = open_cost
+        self.cash = cash
+        self.realized_pnl = realized_pnl
+        self.fees = fees
 
+
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class TraderStatusChanged:
+class TraderStatusChanged(_Record):
     ts: int
     trader_id: str
     status: TraderStatus
 
+    def __init__(self, ts: int, trader_id: str, status: TraderStatus) -> None:
+        self.ts = ts
+        self.trader_id = trader_id
+        self.status = status
 
+
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
-class MarketStatusChanged:
+class MarketStatusChanged(_Record):
     ts: int
     symbol: str
     is_open: bool
+
+    def __init__(self, ts: int, symbol: str, is_open: bool) -> None:
+        self.ts = ts
+        self.symbol = symbol
+        self.is_open = is_open
 
 
 Event = (OrderAccepted | OrderRejected | CancelRejected | AmendRejected | Trade | OrderCanceled

@@ -1,11 +1,11 @@
 """The compiled matching core: build it with mypyc, and load it only while it matches
 its sources.
 
-The pure core (``orderbook.py``, ``engine.py``, ``positions.py``, ``risk_manager.py``,
-``margin_risk_manager.py``) is fully type-annotated, so mypyc can compile the very same
-files to C extensions: classes become C structs, method calls direct C calls. There is
-one source of truth and two builds of it; the interpreted one is the reference, and the
-core test suites run against both (``make test``).
+The pure core (``models.py``, ``orderbook.py``, ``engine.py``, ``positions.py``,
+``risk_manager.py``, ``margin_risk_manager.py``) is fully type-annotated, so mypyc can
+compile the very same files to C extensions: classes become C structs, method calls
+direct C calls. There is one source of truth and two builds of it; the interpreted one
+is the reference, and the core test suites run against both (``make test``).
 
 ``python native_core.py build`` compiles the modules into ``build/native-<python>/``
 with a manifest of the SHA-256 of each source, and puts a one-line hook
@@ -49,10 +49,11 @@ from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent
-CORE_MODULES = ("orderbook", "engine", "positions", "risk_manager", "margin_risk_manager")
-# Interpreted, but the compiled code was type-checked against them: a change there
+CORE_MODULES = ("models", "orderbook", "engine", "positions", "risk_manager",
+                "margin_risk_manager")
+# Interpreted, but the compiled code was type-checked against it: a change there
 # (a field's type, say) makes the build stale too
-TYPE_DEPENDENCIES = ("models", "config")
+TYPE_DEPENDENCIES = ("config",)
 MANIFEST = "manifest.json"
 HOOK_NAME = "openmarketsim-core.pth"
 ENV_SWITCH = "OPENMARKETSIM_CORE"  # "pure": never load the compiled core

@@ -3,7 +3,7 @@
 Layout, chosen for speed in CPython (see ../shared/PERFORMANCE_NOTES.md):
 - each side is a ``dict`` of price -> ``PriceLevel`` plus a heap of the level prices
   (bids negated), so the best price is O(1) amortised;
-- a level keeps its orders in a ``deque`` in arrival order. Cancel is O(1) and lazy: the
+- a level keeps its orders in a list in arrival order. Cancel is O(1) and lazy: the
   order's ``leaves_qty`` drops to 0 and the level total is adjusted at once, and the
   dead entry is dropped when it reaches the head or when the level compacts itself.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-from collections import deque
 from collections.abc import Iterator
 from typing import Any, Final, Protocol
 
@@ -69,7 +68,7 @@ class Order:
 
     def requeued(self, price: int | None, qty: int, leaves_qty: int, ts: int) -> Order:
         """A fresh copy for the back of a queue. A new object, because the old one may
-        still sit (dead) in a level's deque."""
+        still sit (dead) in a level's queue."""
         order = Order(self.order_id, self.trader_id, self.client_order_id, self.symbol,
                       self.side, self.order_type, price, qty, self.tif, self.post_only,
                       self.stp, self.stop_price, ts, self.liquidation)
@@ -82,25 +81,48 @@ class Order:
 
 
 class PriceLevel:
-    __slots__ = ("live_count", "orders", "price", "total_qty")
+    """One price's orders in arrival order: ``orders[head:]``, dead entries included.
+
+    A list with a moving head rather than a deque: the compiled build (native_core.py)
+    appends to and indexes a list natively, where every deque operation is a generic
+    method call. The consumed prefix is dropped once it is most of the list, so a
+    level's memory stays proportional to its entries at amortised O(1) per pop."""
+
+    __slots__ = ("head", "live_count", "orders", "price", "total_qty")
 
     def __init__(self, price: int) -> None:
         self.price = price
-        self.orders: deque[Order] = deque()
+        self.orders: list[Order] = []
+        self.head = 0
         self.total_qty = 0
         self.live_count = 0
 
     def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (self.price,)
 
+    def entries(self) -> int:
+        """Entries from the head on, live and dead."""
+        return len(self.orders) - self.head
+
+    def trim(self) -> None:
+        """Drop the consumed prefix once it is most of the list (matching moves the head
+        and trims once per visit to the level)."""
+        head = self.head
+        if head > 16 and 2 * head > len(self.orders):
+            del self.orders[:head]
+            self.head = 0
+
     def live_orders(self) -> Iterator[Order]:
-        return (order for order in self.orders if order.leaves_qty)
+        orders = self.orders
+        return (orders[i] for i in range(self.head, len(orders)) if orders[i].leaves_qty)
 
     def compact(self) -> None:
         """Drop dead entries. Lazy cancels leave them behind; the book compacts a level
         once they outnumber the live ones, which keeps memory proportional to resting
         orders at amortised O(1) per cancel."""
-        self.orders = deque(order for order in self.orders if order.leaves_qty)
+        orders = self.orders
+        self.orders = [orders[i] for i in range(self.head, len(orders)) if orders[i].leaves_qty]
+        self.head = 0
 
 
 class MatchSink(Protocol):
@@ -268,7 +290,7 @@ class OrderBook:
 
         Returns ``(order, canceled_qty, level_qty)``, or ``None`` if the order is not
         resting here. The order's ``leaves_qty`` becomes 0, which is what marks its
-        entry in the level's deque dead.
+        entry in the level's queue dead.
         """
         order = self.resting_orders.pop(order_id, None)
         if order is None:
@@ -281,7 +303,7 @@ class OrderBook:
         level.live_count -= 1
         if level.live_count == 0:
             del side.levels[order.price]  # type: ignore[arg-type]
-        elif len(level.orders) > 2 * level.live_count + 16:
+        elif len(level.orders) - level.head > 2 * level.live_count + 16:
             level.compact()
         return order, canceled, level.total_qty
 
@@ -313,14 +335,16 @@ class OrderBook:
             level = levels[price]
             orders = level.orders
             while taker.leaves_qty and level.live_count:
-                maker = orders[0]
+                maker = orders[level.head]
                 if not maker.leaves_qty:
-                    orders.popleft()  # a lazily canceled order reached the head
+                    level.head += 1  # a lazily canceled order reached the head
                     continue
                 if maker.trader_id == taker.trader_id:
                     if self._prevent_self_trade(maker, taker, level, sink):
                         if not level.live_count:
                             del levels[price]
+                        else:
+                            level.trim()
                         return True
                     continue  # the maker is gone, or the taker was decremented to nothing
                 qty = maker.leaves_qty if maker.leaves_qty < taker.leaves_qty \
@@ -329,12 +353,14 @@ class OrderBook:
                 taker.leaves_qty -= qty
                 level.total_qty -= qty
                 if not maker.leaves_qty:
-                    orders.popleft()
+                    level.head += 1
                     level.live_count -= 1
                     del resting[maker.order_id]
                 sink.on_fill(maker, taker, price, qty, level.total_qty)
             if not level.live_count:
                 del levels[price]
+            else:
+                level.trim()
         return False
 
     def _prevent_self_trade(self, maker: Order, taker: Order, level: PriceLevel,
@@ -352,14 +378,14 @@ class OrderBook:
             taker.qty -= qty
             level.total_qty -= qty
             if not maker.leaves_qty:
-                level.orders.popleft()
+                level.head += 1
                 level.live_count -= 1
                 del self.resting_orders[maker.order_id]
             sink.on_decrement(maker, taker, qty, level.total_qty)
             return False
         # cancel_resting and cancel_both both take the maker out
         canceled = maker.leaves_qty
-        level.orders.popleft()
+        level.head += 1
         level.live_count -= 1
         level.total_qty -= canceled
         maker.leaves_qty = 0

@@ -107,27 +107,41 @@ class Ledger:
         path, which also reads the account's cash for the position report)."""
         tick_value = self.tick_values[symbol]
         position = account.positions.get(symbol) or account.position(symbol)
-        signed = qty if is_buy else -qty
-        account.cash -= signed * price * tick_value + fee
+        # Products of non-negative factors below 2**30 stay in machine ints under mypyc
+        # (native_core.py); a negative or larger factor takes its bignum path. So the
+        # sign is applied by adding or subtracting, never by multiplying.
+        cost = qty * price  # ticks x lots
+        amount = cost * tick_value
+        if is_buy:
+            account.cash -= amount + fee
+        else:
+            account.cash += amount - fee
         position.fees += fee
         position.realized -= fee
         self.fee_income += fee
         held = position.qty
         if held == 0 or (held > 0) == is_buy:
-            position.open_cost += signed * price
-            position.qty = held + signed
+            if is_buy:
+                position.open_cost += cost
+                position.qty = held + qty
+            else:
+                position.open_cost -= cost
+                position.qty = held - qty
         else:
             held_abs = -held if held < 0 else held
             closing = qty if qty < held_abs else held_abs
             cost_abs = position.open_cost if held > 0 else -position.open_cost
             closed_cost = cost_abs * closing // held_abs
             pnl_ticks = price * closing - closed_cost if held > 0 else closed_cost - price * closing
-            position.realized += pnl_ticks * tick_value
+            if pnl_ticks >= 0:
+                position.realized += pnl_ticks * tick_value
+            else:
+                position.realized -= -pnl_ticks * tick_value
             position.open_cost -= closed_cost if held > 0 else -closed_cost
             remaining = qty - closing  # opens the other way when the position flips
-            position.qty = held + signed
+            position.qty = held + qty if is_buy else held - qty
             if remaining:
-                position.open_cost = signed // qty * remaining * price
+                position.open_cost = remaining * price if is_buy else -(remaining * price)
         return position
 
     def equity(self, trader_id: str, marks: dict[str, int]) -> int:

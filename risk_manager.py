@@ -7,6 +7,7 @@ command's ``ts`` (microseconds), never from a clock.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 from config import RiskConfig
@@ -20,6 +21,30 @@ Reject = tuple[RejectCode, str]
 _TOKEN: Final = 10**9  # one message in the bucket's units: nano-messages keep refill exact
 
 
+class OpenQty:
+    """A trader's open quantity in one symbol by side: what its open orders could still
+    add to the position. Two native ints: a ``[buy, sell]`` list held boxed ints, and
+    every update went through generic in-place arithmetic in the compiled build."""
+
+    __slots__ = ("buy", "sell")
+
+    def __init__(self, buy: int = 0, sell: int = 0) -> None:
+        self.buy = buy
+        self.sell = sell
+
+    def add(self, is_buy: bool, qty: int) -> None:
+        if is_buy:
+            self.buy += qty
+        else:
+            self.sell += qty
+
+    def __iter__(self) -> Iterator[int]:
+        return iter((self.buy, self.sell))
+
+    def __repr__(self) -> str:
+        return f"OpenQty(buy={self.buy}, sell={self.sell})"
+
+
 class TraderState:
     """What the engine tracks per trader besides accounting."""
 
@@ -28,8 +53,7 @@ class TraderState:
     def __init__(self, trader_id: str, burst: int) -> None:
         self.trader_id = trader_id
         self.live_orders: dict[str, Order] = {}  # by client_order_id, stops included
-        # symbol -> [open buy qty, open sell qty]: what open orders could still add
-        self.exposure: dict[str, list[int]] = {}
+        self.exposure: dict[str, OpenQty] = {}  # by symbol
         self.rate_tokens = burst * _TOKEN  # token bucket, in nano-messages
         self.rate_ts: int | None = None
         self.status = TraderStatus.OK
@@ -37,10 +61,10 @@ class TraderState:
     def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (self.trader_id, 0)
 
-    def open_qty(self, symbol: str) -> list[int]:
+    def open_qty(self, symbol: str) -> OpenQty:
         exposure = self.exposure.get(symbol)
         if exposure is None:
-            exposure = self.exposure[symbol] = [0, 0]
+            exposure = self.exposure[symbol] = OpenQty()
         return exposure
 
 
@@ -68,9 +92,17 @@ class RiskManager:
         if rate_ts is None:
             trader.rate_ts = ts
         elif ts > rate_ts:
-            tokens += (ts - rate_ts) * self._refill_per_us
-            if tokens > self._capacity:
+            # A bucket that the time elapsed refills to the brim is the common case;
+            # testing it by division keeps a large refill rate out of the product
+            # (a factor past 2**30 leaves mypyc's machine-int multiply).
+            elapsed, refill = ts - rate_ts, self._refill_per_us
+            room = self._capacity - tokens
+            if refill > 0 and elapsed >= -(-room // refill):  # elapsed * refill >= room
                 tokens = self._capacity
+            else:
+                tokens += elapsed * refill
+                if tokens > self._capacity:
+                    tokens = self._capacity
             trader.rate_ts = ts
         if tokens < _TOKEN:
             trader.rate_tokens = tokens
@@ -90,7 +122,8 @@ class RiskManager:
             return (RejectCode.RISK_MAX_OPEN_ORDERS,
                     f"already {len(trader.live_orders)} open orders "
                     f"(max_open_orders {self.max_open_orders})")
-        open_buy, open_sell = trader.exposure.get(symbol) or (0, 0)
+        exposure = trader.exposure.get(symbol)
+        open_buy, open_sell = (0, 0) if exposure is None else (exposure.buy, exposure.sell)
         worst = position + open_buy + added_qty if is_buy else position - open_sell - added_qty
         if abs(worst) > self.max_position:
             return (RejectCode.RISK_MAX_POSITION,
@@ -109,11 +142,11 @@ class RiskManager:
         reject = self.take_rate_token(trader, ts)
         if reject is not None:
             return reject
-        exposure = trader.exposure.get(symbol)  # [open buy qty, open sell qty]
+        exposure = trader.exposure.get(symbol)
         if exposure is None:
             worst = position + qty if is_buy else position - qty
         else:
-            worst = position + exposure[0] + qty if is_buy else position - exposure[1] - qty
+            worst = position + exposure.buy + qty if is_buy else position - exposure.sell - qty
         if qty > self.max_order_qty or len(trader.live_orders) >= self.max_open_orders \
                 or worst > self.max_position or -worst > self.max_position:
             reject = self.check_order(trader, symbol, is_buy, qty, qty, position, 1)

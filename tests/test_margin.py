@@ -7,9 +7,11 @@ while equity stays above 5% of the position's value at the mark.
 
 from __future__ import annotations
 
+import random
 from unittest.mock import ANY
 
 from config import MONEY_SCALE
+from margin_risk_manager import MarginWatch
 from models import (
     AmendOrder,
     AmendRejected,
@@ -52,9 +54,21 @@ def margin_harness(**margin: object) -> Harness:
     return Harness(make_config(margin={"initial_cash": 1_000.0, **margin}))
 
 
+class AnyStr(str):
+    """``ANY`` for a str field: a compiled event accepts only a str there."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str)
+
+    __hash__ = str.__hash__
+
+
+ANY_STR = AnyStr()
+
+
 def liquidation_ack(ts: int, order_id: int, trader: str, side: str, qty: int) -> OrderAccepted:
     # the exchange names its own liquidation orders; the name is not part of the contract
-    return OrderAccepted(ts, order_id, trader, ANY, SYM, BUY if side == "buy" else SELL,
+    return OrderAccepted(ts, order_id, trader, ANY_STR, SYM, BUY if side == "buy" else SELL,
                          OrderType.MARKET, None, None, qty, TimeInForce.IOC, False, True)
 
 
@@ -172,7 +186,7 @@ def test_stay_liquidating_and_retry_on_the_next_print_when_no_liquidity_is_found
     assert events[-3:] == [
         TraderStatusChanged(ts, "L", TraderStatus.LIQUIDATING),
         liquidation_ack(ts, 6, "L", "sell", 100),
-        OrderCanceled(ts, 6, "L", ANY, SYM, SELL, 100, CancelReason.IOC),
+        OrderCanceled(ts, 6, "L", ANY_STR, SYM, SELL, 100, CancelReason.IOC),
     ]
     assert h.engine.trader_status("L") is TraderStatus.LIQUIDATING
     assert h.engine.position_report("L", SYM).position == 100
@@ -216,3 +230,36 @@ def test_hold_the_liquidation_when_its_market_is_closed() -> None:
     assert [(t.symbol, t.qty, t.liquidation) for t in of_type(events, Trade)] == [
         (ALT, 1, False), (SYM, 100, True)]
     assert h.engine.trader_status("L") is TraderStatus.OK
+
+
+def test_watch_pops_exactly_the_traders_whose_band_a_mark_leaves() -> None:
+    """The watch against a plain model (every armed band, scanned): a seeded mix of
+    arming, re-arming with wider or narrower bands, disarming and marks moving in two
+    symbols, where the watch's per-symbol bound goes stale on the safe side."""
+    rng = random.Random(5)
+    watch = MarginWatch()
+    model: dict[str, dict[str, tuple[int, int]]] = {}  # trader -> symbol -> band
+    traders, symbols = [f"t{i}" for i in range(12)], [SYM, ALT]
+    popped = 0
+    for _ in range(4_000):
+        roll = rng.random()
+        trader = rng.choice(traders)
+        if roll < 0.45:
+            bands = []
+            for symbol in rng.sample(symbols, rng.randint(1, 2)):
+                centre, reach = rng.randint(90, 110), rng.randint(0, 15)
+                bands.append((symbol, centre - reach, centre + reach))
+            watch.arm(trader, bands)
+            model[trader] = {symbol: (low, high) for symbol, low, high in bands}
+        elif roll < 0.55:
+            watch.disarm(trader)
+            model.pop(trader, None)
+        else:
+            symbol, mark = rng.choice(symbols), rng.randint(75, 125)
+            expected = sorted(t for t, bands in model.items() if symbol in bands
+                              and not bands[symbol][0] <= mark <= bands[symbol][1])
+            assert sorted(watch.pop_outside(symbol, mark)) == expected
+            for t in expected:
+                del model[t]
+            popped += len(expected)
+    assert popped > 500, "the sequence must pop often enough to mean something"

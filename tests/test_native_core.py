@@ -7,7 +7,10 @@ margin, properties) run under both as well.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 import pickle
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+import models
 import native_core
 from engine import Engine
 from models import NewOrder, OrderType, Side, TimeInForce
@@ -161,3 +165,63 @@ def crossing_stream_fingerprint() -> str:
         lines.extend(repr(event) for event in engine.process(command, i))
     lines.append(engine.state_hash())
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+COMMANDS = ("NewOrder", "CancelOrder", "AmendOrder", "CancelAll", "SetMarketOpen")
+
+
+@functools.cache
+def _source_annotations() -> dict[str, dict[str, str]]:
+    """Each event's field annotations as written in models.py (the compiled module's
+    dataclass fields carry erased types), from a private interpreted copy."""
+    spec = importlib.util.spec_from_file_location("_models_source", ROOT / "models.py")
+    assert spec is not None and spec.loader is not None
+    source = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = source  # dataclasses looks its module up there
+    try:
+        spec.loader.exec_module(source)
+    finally:
+        del sys.modules[spec.name]
+    classes = [*source.EVENT_TYPE_NAMES, *(getattr(source, name) for name in COMMANDS)]
+    return {cls.__name__: {field.name: str(field.type) for field in dataclasses.fields(cls)}
+            for cls in classes}
+
+
+def _sample_fields(cls: type) -> dict[str, object]:
+    """A distinct, well-typed value for every field of an event class."""
+    annotations = _source_annotations()[cls.__name__]
+    values: dict[str, object] = {}
+    for number, (name, hint) in enumerate(annotations.items(), start=1):
+        kind = hint.removesuffix(" | None")
+        if kind == "int":
+            values[name] = 1_000 + number
+        elif kind == "str":
+            values[name] = f"v{number}"
+        elif kind == "bool":
+            values[name] = number % 2 == 0
+        else:
+            members = list(getattr(models, kind))
+            values[name] = members[number % len(members)]
+    return values
+
+
+@pytest.mark.parametrize(
+    "cls", [*models.EVENT_TYPE_NAMES, *(getattr(models, name) for name in COMMANDS)],
+    ids=lambda cls: cls.__name__)
+def test_every_record_constructor_takes_its_fields_in_order(cls: type) -> None:
+    """Commands and events spell out ``__init__`` so the compiled build compiles it; it
+    must take exactly the dataclass fields, in order, with their defaults (and commands
+    keep ``__slots__`` in that order: the journal reads them)."""
+    values = _sample_fields(cls)
+    by_position = cls(*values.values())
+    assert by_position == cls(**values)
+    assert {name: getattr(by_position, name) for name in values} == values
+    required = {field.name: values[field.name] for field in dataclasses.fields(cls)
+                if field.default is dataclasses.MISSING}
+    defaults = cls(**required)
+    for field in dataclasses.fields(cls):
+        if field.default is not dataclasses.MISSING:
+            assert getattr(defaults, field.name) == field.default
+    assert pickle.loads(pickle.dumps(by_position, pickle.HIGHEST_PROTOCOL)) == by_position
+    if cls.__name__ in COMMANDS:
+        assert cls.__slots__ == tuple(values)

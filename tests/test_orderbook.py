@@ -232,6 +232,18 @@ def test_keep_memory_bounded_when_most_of_a_level_is_canceled(book: OrderBook) -
     assert len(book.bids.levels[10_000].orders) <= 32
 
 
+def test_keep_memory_bounded_when_a_level_is_consumed_from_the_head(book: OrderBook) -> None:
+    for order_id in range(1, 2_001):
+        book.add(order(order_id, SELL, 10_010, 1))
+    for taker_id in range(3_001, 4_990):  # one fill each: the queue is popped one by one
+        book.match(order(taker_id, BUY, 10_010, 1, trader="taker"), 10_010, RecordingSink())
+    book.validate()
+    assert [entry[1] for entry in l3(book, SELL)] == list(range(1_990, 2_001))
+    level = book.asks.levels[10_010]
+    # the consumed prefix is dropped once it is most of the queue
+    assert len(level.orders) <= max(2 * level.entries(), level.entries() + 16)
+
+
 def test_keep_queue_position_when_reduce_lowers_leaves(book: OrderBook) -> None:
     first, _, _ = rest(book, order(1, SELL, 10_010, 5), order(2, SELL, 10_010, 3),
                        order(3, SELL, 10_010, 2))

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from config import RiskConfig
 from models import AmendOrder, AmendRejected, OrderAccepted, OrderRejected, RejectCode
-from risk_manager import RiskManager, TraderState, check_price_band
+from risk_manager import OpenQty, RiskManager, TraderState, check_price_band
 from tests.conftest import (
     ALT,
     BUY,
@@ -214,7 +214,7 @@ def _trader_state(burst: int, live: int, exposure: tuple[int, int] | None,
     trader = TraderState("a", burst)
     trader.live_orders = {f"o{i}": None for i in range(live)}  # type: ignore[misc]
     if exposure is not None:
-        trader.exposure["SIM"] = list(exposure)
+        trader.exposure["SIM"] = OpenQty(*exposure)
     trader.rate_tokens, trader.rate_ts = rate
     return trader
 
