@@ -5,11 +5,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The matching core, compiled by mypyc from these same files (native_core.py); rebuilt
 # when one changes. Without a C compiler everything runs on the pure-Python core.
-CORE := orderbook.py engine.py positions.py risk_manager.py margin_risk_manager.py
+CORE := models.py orderbook.py engine.py positions.py risk_manager.py margin_risk_manager.py
 NATIVE := $(VENV)/.native
-# Core test suites that run a second time against the pure-Python core
-CORE_TESTS := tests/test_orderbook.py tests/test_engine.py tests/test_positions.py \
-	tests/test_risk.py tests/test_margin.py tests/test_properties.py tests/test_native_core.py
+# Suites of the compiled modules (and the journal, which encodes their commands) that
+# run a second time against the pure-Python core
+CORE_TESTS := tests/test_models.py tests/test_orderbook.py tests/test_engine.py \
+	tests/test_positions.py tests/test_risk.py tests/test_margin.py tests/test_properties.py \
+	tests/test_journal.py tests/test_native_core.py
 DURATION ?= 60
 SEED ?= 42
 DEMO_ARGS ?=
@@ -24,7 +26,7 @@ $(STAMP): requirements.txt
 	@touch $(STAMP)
 
 # CI must not fall back silently: there a failed build is an error
-$(NATIVE): $(STAMP) $(CORE) models.py config.py native_core.py
+$(NATIVE): $(STAMP) $(CORE) config.py native_core.py
 	$(PY) native_core.py build $(if $(CI),--required,)
 	@touch $(NATIVE)
 

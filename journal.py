@@ -47,6 +47,7 @@ from typing import Any
 import orjson
 
 from models import (
+    FIELD_NAMES,
     AmendOrder,
     CancelAll,
     CancelOrder,
@@ -93,9 +94,11 @@ COMMANDS_BY_CODE = {code: cls for cls, code in COMMAND_CODES.items()}
 _ENUM_FIELDS: dict[str, type[Enum]] = {"side": Side, "order_type": OrderType,
                                        "tif": TimeInForce, "stp": StpMode,
                                        "reason": CancelReason}
-_GETTERS = {cls: attrgetter(*cls.__slots__) for cls in COMMAND_CODES}
-_ENUMS_AT = {cls: [(i, _ENUM_FIELDS[name]) for i, name in enumerate(cls.__slots__)
-                   if name in _ENUM_FIELDS] for cls in COMMAND_CODES}
+_FIELDS = {cls: FIELD_NAMES[cls] for cls in COMMAND_CODES}
+_GETTERS = {cls: attrgetter(*names) for cls, names in _FIELDS.items()}
+_ONE_FIELD = frozenset(cls for cls, names in _FIELDS.items() if len(names) == 1)
+_ENUMS_AT = {cls: [(i, _ENUM_FIELDS[name]) for i, name in enumerate(names)
+                   if name in _ENUM_FIELDS] for cls, names in _FIELDS.items()}
 
 # The modules whose classes a snapshot pickles: a snapshot written by other code is
 # not trusted (its objects may lack attributes the new code expects).
@@ -129,7 +132,7 @@ def command_record(command: Command, seq: int, ts: int) -> bytes:
     (on the hot path: one tuple, one dumps, one CRC)."""
     cls = type(command)
     fields = _GETTERS[cls](command)
-    if len(cls.__slots__) == 1:
+    if cls in _ONE_FIELD:  # attrgetter of one name returns the value, not a tuple
         fields = (fields,)
     payload = _dumps((COMMAND_CODES[cls], seq, ts, *fields))
     return _pack_head(len(payload), zlib.crc32(payload)) + payload

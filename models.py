@@ -244,13 +244,6 @@ class SetMarketOpen(_Record):
 
 Command = NewOrder | CancelOrder | AmendOrder | CancelAll | SetMarketOpen
 
-# A native class has no ``__slots__`` at run time; the journal reads a command's fields
-# in order from there, so it gets the ones a slotted dataclass has in the pure build.
-for _command in (NewOrder, CancelOrder, AmendOrder, CancelAll, SetMarketOpen):
-    if "__slots__" not in _command.__dict__:
-        _names = tuple(field.name for field in dataclasses.fields(_command))
-        setattr(_command, "__slots__", _names)  # noqa: B010 (mypy: not assignable)
-
 
 # Session-level requests: answered by the gateway, never sequenced by the engine.
 
@@ -831,7 +824,12 @@ EVENT_TYPE_NAMES: dict[type, str] = {
     MarketStatusChanged: "market_status_changed",
 }
 EVENT_TYPES_BY_NAME = {name: cls for cls, name in EVENT_TYPE_NAMES.items()}
-_EVENT_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in EVENT_TYPE_NAMES}
+# Every command's and event's fields in order, for the wire and the journal (the
+# compiled build's classes have no ``__slots__`` to read them from).
+FIELD_NAMES: dict[type, tuple[str, ...]] = {
+    cls: tuple(field.name for field in dataclasses.fields(cls))
+    for cls in (NewOrder, CancelOrder, AmendOrder, CancelAll, SetMarketOpen,
+                *EVENT_TYPE_NAMES)}
 _ENUM_FIELDS = {
     "side": Side, "order_type": OrderType, "tif": TimeInForce, "reason": CancelReason,
     "code": RejectCode, "aggressor": Side, "action": BookAction, "status": TraderStatus,
@@ -844,7 +842,7 @@ def event_to_dict(event: Event, seq: int | None = None) -> dict[str, Any]:
     message: dict[str, Any] = {"type": EVENT_TYPE_NAMES[type(event)]}
     if seq is not None:
         message["seq"] = seq
-    for name in _EVENT_FIELDS[type(event)]:
+    for name in FIELD_NAMES[type(event)]:
         value = getattr(event, name)
         message[name] = value.value if isinstance(value, Enum) else value
     return message
@@ -854,7 +852,7 @@ def event_from_dict(message: dict[str, Any]) -> Event:
     """The inverse of ``event_to_dict`` (``type`` and ``seq`` are dropped)."""
     cls = EVENT_TYPES_BY_NAME[message["type"]]
     kwargs = {}
-    for name in _EVENT_FIELDS[cls]:
+    for name in FIELD_NAMES[cls]:
         value = message[name]
         enum = _ENUM_FIELDS.get(name)
         kwargs[name] = enum(value) if enum is not None and value is not None else value
