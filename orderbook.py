@@ -113,8 +113,13 @@ class PriceLevel:
             self.head = 0
 
     def live_orders(self) -> Iterator[Order]:
+        # a generator function, not a generator expression: mypyc would build the whole
+        # level as a list for the latter, and fill-or-kill stops early
         orders = self.orders
-        return (orders[i] for i in range(self.head, len(orders)) if orders[i].leaves_qty)
+        for i in range(self.head, len(orders)):
+            order = orders[i]
+            if order.leaves_qty:
+                yield order
 
     def compact(self) -> None:
         """Drop dead entries. Lazy cancels leave them behind; the book compacts a level
