@@ -314,15 +314,53 @@ def report(args: argparse.Namespace, exchanges: list[str],
            ratios: dict[tuple[str, int], list[float]],
            rt_ratios: dict[tuple[str, int], list[float]],
            paced: dict[str, list[dict[str, Any]]]) -> int:
-    names = ["echo", *exchanges]
+    rejects: Counter[str] = Counter()
+    if closed:
+        report_closed(args, exchanges, closed, ratios, rt_ratios, rejects)
+    if paced:
+        report_paced(args, paced)
+    for name in exchanges:
+        for r in paced.get(name, []):
+            rejects.update(r["reject_codes"])
+    if rejects:
+        print("\nreject/error codes from the exchange: " +
+              ", ".join(f"{code} x{count}" for code, count in rejects.most_common()))
+
+    print("\nTargets:")
+    top = 32 if 32 in args.clients else max(args.clients)
+    for name in exchanges:
+        if closed:
+            print_throughput_target(name, top, closed, ratios)
+        if paced:
+            print_latency_target(args, name, paced)
+    status = 0
+    order_rejects = sum(r["order_rejects"] for (name, _), rs in closed.items()
+                        if name != "echo" for r in rs)
+    order_rejects += sum(r["order_rejects"] for name in exchanges for r in paced.get(name, []))
+    if order_rejects:
+        status = 1
+        print(f"  WARNING: the exchange rejected {order_rejects} orders: the workload is "
+              "meant to pass every risk check, so these figures include refused work")
+    if closed:
+        print_journal_cost(exchanges, ratios, top)
+        headline = exchanges[0]
+        print(f"\ngateway: {fmt_int(_med(closed[(headline, top)], 'acks_per_s'))} acked "
+              f"orders/s ({top} clients)")
+    return status
+
+
+def report_closed(args: argparse.Namespace, exchanges: list[str],
+                  closed: dict[tuple[str, int], list[dict[str, Any]]],
+                  ratios: dict[tuple[str, int], list[float]],
+                  rt_ratios: dict[tuple[str, int], list[float]],
+                  rejects: Counter[str]) -> None:
     rounds = f"median of {args.rounds} rounds" if args.rounds > 1 else "1 round"
     print(f"\nClosed loop, one request in flight per connection ({rounds}, "
           f"{args.duration:g} s each; 'x echo': the exchange's figure over the echo's in "
           "the same round, same order flow and client code):")
     rows = []
-    rejects: Counter[str] = Counter()
     for n in args.clients:
-        for name in names:
+        for name in ["echo", *exchanges]:
             results = closed[(name, n)]
             for r in results:
                 rejects.update(r["reject_codes"] if name != "echo" else {})
@@ -345,6 +383,8 @@ def report(args: argparse.Namespace, exchanges: list[str],
           "requests that were new orders, the rest cancels that keep the book bounded; a "
           "cancel reject is a cancel that crossed its order's last fill)")
 
+
+def report_paced(args: argparse.Namespace, paced: dict[str, list[dict[str, Any]]]) -> None:
     paced_rounds = (f"median of {args.paced_rounds} rounds" if args.paced_rounds > 1
                     else "1 round")
     print(f"\nOpen loop at {fmt_int(args.paced_rate)} order-entry messages/s offered over "
@@ -366,46 +406,31 @@ def report(args: argparse.Namespace, exchanges: list[str],
     print("(send lag: how late the client's pacer sent, part of the latency above; "
           "'shed': sends skipped because the server was far behind)")
 
-    for name in exchanges:
-        for r in paced[name]:
-            rejects.update(r["reject_codes"])
-    if rejects:
-        print("\nreject/error codes from the exchange: " +
-              ", ".join(f"{code} x{count}" for code, count in rejects.most_common()))
 
-    print("\nTargets:")
-    top = 32 if 32 in args.clients else max(args.clients)
+def print_throughput_target(name: str, top: int,
+                            closed: dict[tuple[str, int], list[dict[str, Any]]],
+                            ratios: dict[tuple[str, int], list[float]]) -> None:
     echo = closed[("echo", top)]
-    for name in exchanges:
-        ratio = median(ratios[(name, top)])
-        print(f"  {name}: acked orders/s with {top} clients >= {TARGET_RATIO_32:.1f}x the "
-              f"echo's: {ratio:.2f}x ({fmt_int(_med(closed[(name, top)], 'acks_per_s'))} vs "
-              f"{fmt_int(_med(echo, 'acks_per_s'))}; the echo's ceiling is "
-              f"{fmt_int(_med(echo, 'rt_per_s'))} round trips/s of which "
-              f"{fmt_int(_med(echo, 'acks_per_s'))} order acks)  "
-              f"{verdict(ratio >= TARGET_RATIO_32)}")
-        p99_ms = _med(paced[name], "p99_us") / 1000
-        if not all(r["acks_per_s"] for r in paced[name]):  # a round without a latency
-            print(f"  {name}: p99 ack latency at {fmt_int(args.paced_rate)}/s offered: "
-                  "a round acknowledged no order in its window  MISS")
-            continue
-        print(f"  {name}: p99 ack latency at {fmt_int(args.paced_rate)}/s offered <= "
-              f"{TARGET_P99_MS:g} ms: {p99_ms:.2f} ms (echo "
-              f"{_med(paced['echo'], 'p99_us') / 1000:.2f} ms; medians of the rounds)  "
-              f"{verdict(p99_ms <= TARGET_P99_MS)}")
-    status = 0
-    order_rejects = sum(r["order_rejects"] for (name, _), rs in closed.items()
-                        if name != "echo" for r in rs)
-    order_rejects += sum(r["order_rejects"] for name in exchanges for r in paced[name])
-    if order_rejects:
-        status = 1
-        print(f"  WARNING: the exchange rejected {order_rejects} orders: the workload is "
-              "meant to pass every risk check, so these figures include refused work")
-    print_journal_cost(exchanges, ratios, top)
-    headline = exchanges[0]
-    print(f"\ngateway: {fmt_int(_med(closed[(headline, top)], 'acks_per_s'))} acked "
-          f"orders/s ({top} clients)")
-    return status
+    ratio = median(ratios[(name, top)])
+    print(f"  {name}: acked orders/s with {top} clients >= {TARGET_RATIO_32:.1f}x the "
+          f"echo's: {ratio:.2f}x ({fmt_int(_med(closed[(name, top)], 'acks_per_s'))} vs "
+          f"{fmt_int(_med(echo, 'acks_per_s'))}; the echo's ceiling is "
+          f"{fmt_int(_med(echo, 'rt_per_s'))} round trips/s of which "
+          f"{fmt_int(_med(echo, 'acks_per_s'))} order acks)  "
+          f"{verdict(ratio >= TARGET_RATIO_32)}")
+
+
+def print_latency_target(args: argparse.Namespace, name: str,
+                         paced: dict[str, list[dict[str, Any]]]) -> None:
+    if not all(r["acks_per_s"] for r in paced[name]):  # a round without a latency
+        print(f"  {name}: p99 ack latency at {fmt_int(args.paced_rate)}/s offered: "
+              "a round acknowledged no order in its window  MISS")
+        return
+    p99_ms = _med(paced[name], "p99_us") / 1000
+    print(f"  {name}: p99 ack latency at {fmt_int(args.paced_rate)}/s offered <= "
+          f"{TARGET_P99_MS:g} ms: {p99_ms:.2f} ms (echo "
+          f"{_med(paced['echo'], 'p99_us') / 1000:.2f} ms; medians of the rounds)  "
+          f"{verdict(p99_ms <= TARGET_P99_MS)}")
 
 
 def print_journal_cost(exchanges: list[str], ratios: dict[tuple[str, int], list[float]],
