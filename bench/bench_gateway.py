@@ -23,6 +23,9 @@ Measurements:
    instead of silently slowing the sender (no coordinated omission). Echo and exchange
    alternate here too, in ``--paced-rounds`` rounds, and each figure is the median over
    the rounds: one stall of a shared machine is one round's outlier, not the verdict.
+3. Before the open-loop rounds, when a measured exchange holds replies for an fsync, the
+   disk's own commit latency (write + fdatasync of one journal record, nothing else
+   running): no reply that waits for its fsync comes back sooner.
 
 The exchange is measured as shipped (``default``: write-ahead journal on, replies held
 for the group-commit fsync) and, by default, also with ``--no-journal``, each in its own
@@ -57,6 +60,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _commit_probe import CommitLatencies, measure_commits
 from _wsbench import (
     Progress,
     Worker,
@@ -98,6 +102,8 @@ WIDTH = len("exchange/flush-interval")
 # issue target: batched journaling costs at most this share of the no-journal throughput
 TARGET_JOURNAL_COST = 0.15
 BATCHED = ("default", "flush-interval")  # the two batched flush policies
+DURABLE = ("default", "flush-every")  # replies wait for an fsync
+COMMIT_PROBES = 2000
 
 
 def variant_label(variant: str) -> str:
@@ -213,6 +219,7 @@ async def run(args: argparse.Namespace) -> int:
     ratios: dict[tuple[str, int], list[float]] = {}
     rt_ratios: dict[tuple[str, int], list[float]] = {}
     paced: dict[str, list[dict[str, Any]]] = {}
+    commits: CommitLatencies | None = None
     profiles: dict[str, tuple[Path, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_gateway_") as tmp:
         config = write_config(Path(tmp), bench_exchange_config())
@@ -257,6 +264,10 @@ async def run(args: argparse.Namespace) -> int:
                         rt_ratios.setdefault((name, n), []).append(
                             pair[name]["rt_per_s"] / pair["echo"]["rt_per_s"])
 
+            if args.paced_rounds and any(v in DURABLE for v in args.exchange):
+                commits = measure_commits(Path(tmp) / "commit-probe", COMMIT_PROBES)
+                progress("disk commit probe (write + fdatasync of one record, no other "
+                         f"load): {commits.describe(commits.commits)}")
             for round_no in range(1, args.paced_rounds + 1):
                 shift = (round_no - 1) % len(names)
                 for name in names[shift:] + names[:shift]:
@@ -275,7 +286,7 @@ async def run(args: argparse.Namespace) -> int:
                 await server.stop()
     progress("servers stopped")
     print(f"load average at end: {load_average()}")
-    status = report(args, exchanges, closed, ratios, rt_ratios, paced)
+    status = report(args, exchanges, closed, ratios, rt_ratios, paced, commits)
     for label, (path, result) in profiles.items():
         print(f"\nWhere {label}'s time goes at {max(args.clients)} closed-loop clients "
               f"({fmt_int(result['acks_per_s'])} acked orders/s while sampled; py-spy raw "
@@ -313,7 +324,7 @@ def report(args: argparse.Namespace, exchanges: list[str],
            closed: dict[tuple[str, int], list[dict[str, Any]]],
            ratios: dict[tuple[str, int], list[float]],
            rt_ratios: dict[tuple[str, int], list[float]],
-           paced: dict[str, list[dict[str, Any]]]) -> int:
+           paced: dict[str, list[dict[str, Any]]], commits: CommitLatencies | None) -> int:
     rejects: Counter[str] = Counter()
     if closed:
         report_closed(args, exchanges, closed, ratios, rt_ratios, rejects)
@@ -333,6 +344,10 @@ def report(args: argparse.Namespace, exchanges: list[str],
             print_throughput_target(name, top, closed, ratios)
         if paced:
             print_latency_target(args, name, paced)
+    if paced and commits is not None:
+        print(f"  (a reply that waits for its fsync comes no sooner than the disk commits: "
+              f"write + fdatasync of one record, on an otherwise idle machine, "
+              f"{commits.describe(commits.commits)})")
     status = 0
     order_rejects = sum(r["order_rejects"] for (name, _), rs in closed.items()
                         if name != "echo" for r in rs)

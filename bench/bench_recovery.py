@@ -48,9 +48,10 @@ _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO) not in sys.path:
     sys.path.append(str(_REPO))
 
+from _commit_probe import measure_commits  # noqa: E402
+
 from config import config_from_dict  # noqa: E402
 from exchange_server import Exchange, FlushPolicy  # noqa: E402
-from journal import JournalWriter, command_record  # noqa: E402
 from models import CancelOrder, NewOrder, OrderType, Side, TimeInForce  # noqa: E402
 from replay import recover  # noqa: E402
 
@@ -327,35 +328,12 @@ def bench_throughput(args: argparse.Namespace, work: Path) -> None:
 
 
 def bench_commits(args: argparse.Namespace, work: Path) -> None:
-    directory = work / "commit-probe"
-    writer = JournalWriter.create(directory, 1, {"seq": 0, "ts": 0})
-    record = command_record(NewOrder("trader-0001", "c" * 200, "SIM", Side.BUY,
-                                     OrderType.LIMIT, 5, 10_000), 1, 1)
-    total: list[float] = []
-    syncs: list[float] = []
-    try:
-        for _ in range(args.commits):  # no stat() in the loop: one added 0.09 ms to fsyncs
-            writer.append(record)
-            started = time.perf_counter()
-            writer.write()
-            written = time.perf_counter()
-            writer.sync()
-            total.append(time.perf_counter() - started)
-            syncs.append(time.perf_counter() - written)
-        size = writer.path.stat().st_size
-    finally:
-        writer.close()
-        shutil.rmtree(directory, ignore_errors=True)
-
-    def cut(values: list[float]) -> str:
-        q = statistics.quantiles(values, n=100)
-        return (f"p50 {q[49] * 1e3:.3f}  p90 {q[89] * 1e3:.3f}  p99 {q[98] * 1e3:.3f}  "
-                f"max {max(values) * 1e3:.3f} ms")
-
-    print(f"commit ({args.commits:,} x one {len(record)}-byte record: write + fdatasync; "
-          f"a {size / 2**20:.1f} MiB file at the end; data dir on {work}):")
-    print(f"  write+fdatasync  {cut(total)}")
-    print(f"  fdatasync        {cut(syncs)}")
+    probe = measure_commits(work / "commit-probe", args.commits)
+    print(f"commit ({args.commits:,} x one {probe.record_bytes}-byte record: write + "
+          f"fdatasync; a {probe.file_bytes / 2**20:.1f} MiB file at the end; data dir on "
+          f"{work}):")
+    print(f"  write+fdatasync  {probe.describe(probe.commits)}")
+    print(f"  fdatasync        {probe.describe(probe.syncs)}")
 
 
 # ===================================================================== CLI
