@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import heapq
 from collections import deque
-from collections.abc import Callable
 from typing import Any, Final
 
 from config import ExchangeConfig
@@ -145,13 +144,6 @@ class Engine:
         self._liquidating: dict[str, None] = {}
         self._margin_dirty: dict[str, None] = {}  # traders a fill changed since the last check
         self._all_traded = False  # once every symbol traded, marks() is last_prices itself
-        self._handlers: dict[type, Callable[[Any], None]] = {
-            NewOrder: self._new_order,
-            CancelOrder: self._cancel,
-            AmendOrder: self._amend,
-            CancelAll: self._cancel_all,
-            SetMarketOpen: self._set_market_open,
-        }
 
     # ================================================================= entry point
 
@@ -163,7 +155,21 @@ class Engine:
         events: list[Event] = []
         self._events = events
         self._ts = ts
-        self._handlers[type(command)](command)
+        # isinstance chains, not a dict of bound methods: in the compiled build each
+        # branch is a direct native call, where a bound method goes through its Python
+        # wrapper (argument parsing included)
+        if isinstance(command, NewOrder):
+            self._new_order(command)
+        elif isinstance(command, CancelOrder):
+            self._cancel(command)
+        elif isinstance(command, AmendOrder):
+            self._amend(command)
+        elif isinstance(command, CancelAll):
+            self._cancel_all(command)
+        elif isinstance(command, SetMarketOpen):
+            self._set_market_open(command)
+        else:
+            raise TypeError(f"not an engine command: {command!r}")
         if self._moved or self._triggered:
             self._settle()
         return events
@@ -664,12 +670,12 @@ class Engine:
         pop_outside = self.margin.watch.pop_outside
         for symbol in moved:
             candidates.update(dict.fromkeys(pop_outside(symbol, marks[symbol])))
-        traders, in_breach = self.traders, self.margin.in_breach
+        traders, margin = self.traders, self.margin
         for trader_id in sorted(candidates):
             trader = traders[trader_id]
             if trader.status is _LIQUIDATING:
                 self._flatten(trader)
-            elif in_breach(trader_id, marks):
+            elif margin.in_breach(trader_id, marks):
                 self._liquidate(trader)
 
     def _liquidate(self, trader: TraderState) -> None:

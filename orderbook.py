@@ -272,18 +272,19 @@ class OrderBook:
         """``would_cross`` and ``add`` in one step, for the most common order of all, a
         limit order that does not trade on arrival: rest it and return the level's new
         total, or return ``None`` and change nothing if it would trade."""
-        price = order.price
+        # a limit order has a price; typed int, the compiled build compares natively
+        price: int = order.price  # type: ignore[assignment]
         if order.is_buy:
             best = self.asks.best_price()
-            if best is not None and price >= best:  # type: ignore[operator]
+            if best is not None and price >= best:
                 return None
             side = self.bids
         else:
             best = self.bids.best_price()
-            if best is not None and price <= best:  # type: ignore[operator]
+            if best is not None and price <= best:
                 return None
             side = self.asks
-        level = side.levels.get(price) or side.level_for_insert(price)  # type: ignore[arg-type]
+        level = side.levels.get(price) or side.level_for_insert(price)
         level.orders.append(order)
         level.live_count += 1
         level.total_qty += order.leaves_qty
@@ -297,9 +298,12 @@ class OrderBook:
         resting here. The order's ``leaves_qty`` becomes 0, which is what marks its
         entry in the level's queue dead.
         """
-        order = self.resting_orders.pop(order_id, None)
+        # get and del, not pop: mypyc compiles both to C calls, pop to a method lookup
+        resting = self.resting_orders
+        order = resting.get(order_id)
         if order is None:
             return None
+        del resting[order_id]
         side = self.bids if order.is_buy else self.asks
         level = side.levels[order.price]  # type: ignore[index]
         canceled = order.leaves_qty
