@@ -17,7 +17,7 @@ import heapq
 from collections import deque
 from typing import Any, Final
 
-from config import ExchangeConfig
+from config import ExchangeConfig, InstrumentConfig
 from margin_risk_manager import MarginRiskManager
 from models import (
     AmendOrder,
@@ -109,28 +109,51 @@ class StopBook:
                        if entry[2].leaves_qty), key=lambda order: order.order_id)
 
 
+class Market:
+    """One symbol's state as the hot path needs it: a command finds its book, whether
+    the market is open, the price band and the fee rates with one lookup by symbol
+    instead of one per item."""
+
+    __slots__ = ("band_bps", "band_centre", "book", "is_open", "maker_rate",
+                 "reference_price", "stops", "symbol", "taker_rate")
+
+    def __init__(self, instrument: InstrumentConfig, maker_ppm: int, taker_ppm: int) -> None:
+        self.symbol = symbol = instrument.symbol
+        self.book = OrderBook(symbol)
+        self.stops = StopBook()
+        self.is_open = True
+        self.band_bps = instrument.band_bps
+        self.reference_price = instrument.reference_price  # the configured one
+        # the price band's centre: the last trade, else the configured reference
+        self.band_centre = instrument.reference_price
+        # money units per tick x lot x 1e6 of fee: price * qty * rate stays in machine
+        # ints under mypyc where price * qty * tick_value * ppm would not
+        tick_value = instrument.tick_value
+        self.maker_rate = tick_value * maker_ppm
+        self.taker_rate = tick_value * taker_ppm
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
+        return (InstrumentConfig(symbol=self.symbol), 0, 0)
+
+
 class Engine:
     """All instruments, all traders; one command at a time."""
 
     def __init__(self, config: ExchangeConfig | None = None) -> None:
         self.config = config = config or ExchangeConfig()
         self.symbols = [instrument.symbol for instrument in config.instruments]
-        self.books = {symbol: OrderBook(symbol) for symbol in self.symbols}
-        self.stop_books = {symbol: StopBook() for symbol in self.symbols}
-        self.market_open = dict.fromkeys(self.symbols, True)
+        self.maker_ppm = config.fees.maker_ppm
+        self.taker_ppm = config.fees.taker_ppm
+        self.markets = {i.symbol: Market(i, self.maker_ppm, self.taker_ppm)
+                        for i in config.instruments}
+        # views by symbol for readers outside the hot path (the same objects)
+        self.books = {symbol: market.book for symbol, market in self.markets.items()}
+        self.stop_books = {symbol: market.stops for symbol, market in self.markets.items()}
         self.tick_values = {i.symbol: i.tick_value for i in config.instruments}
-        self.band_bps = {i.symbol: i.band_bps for i in config.instruments}
-        self.reference_prices = {i.symbol: i.reference_price for i in config.instruments}
         self.last_prices: dict[str, int | None] = dict.fromkeys(self.symbols)
         self.ledger = Ledger(config.margin.initial_cash_units, self.tick_values)
         self.risk = RiskManager(config.risk)
         self.margin = MarginRiskManager(config.margin, self.ledger)
-        self.maker_ppm = config.fees.maker_ppm
-        self.taker_ppm = config.fees.taker_ppm
-        # per symbol, money units per tick x lot x 1e6 of fee: price * qty * rate stays in
-        # machine ints under mypyc where price * qty * tick_value * ppm would not
-        self._fee_rates = {symbol: (tick_value * self.maker_ppm, tick_value * self.taker_ppm)
-                           for symbol, tick_value in self.tick_values.items()}
         self.traders: dict[str, TraderState] = {}
         self.orders: dict[int, Order] = {}  # every live order: resting or waiting stop
         self.next_order_id = 1
@@ -191,7 +214,7 @@ class Engine:
         bid, ask = book.best_bid(), book.best_ask()
         if bid is not None and ask is not None:
             return (bid + ask) // 2
-        return self.reference_prices[symbol]
+        return self.markets[symbol].reference_price
 
     def marks(self) -> dict[str, int]:
         """Every symbol's mark. Read-only: once every symbol has traded this is the
@@ -200,10 +223,14 @@ class Engine:
             return self.last_prices  # type: ignore[return-value]
         return {symbol: self.mark_price(symbol) for symbol in self.symbols}
 
+    @property
+    def market_open(self) -> dict[str, bool]:
+        """Whether each symbol trades (a fresh dict: ``SetMarketOpen`` changes it)."""
+        return {symbol: market.is_open for symbol, market in self.markets.items()}
+
     def reference_price(self, symbol: str) -> int:
         """The price band's centre: the last trade, else the configured reference."""
-        last = self.last_prices[symbol]
-        return self.reference_prices[symbol] if last is None else last
+        return self.markets[symbol].band_centre
 
     def open_orders(self, trader_id: str, symbol: str | None = None) -> list[Order]:
         trader = self.traders.get(trader_id)
@@ -290,7 +317,8 @@ class Engine:
         trader_id, symbol, side, order_type, qty, price, tif = (
             cmd.trader_id, cmd.symbol, cmd.side, cmd.order_type, cmd.qty, cmd.price, cmd.tif)
         trader = self.traders.get(trader_id) or self.trader(trader_id)
-        reject = self._check_new_order(cmd, trader, symbol, side is _BUY_SIDE, order_type, qty,
+        market = self.markets.get(symbol)
+        reject = self._check_new_order(cmd, trader, market, side is _BUY_SIDE, order_type, qty,
                                        price)
         if reject is not None:
             self._events.append(OrderRejected(self._ts, trader_id, cmd.client_order_id,
@@ -302,11 +330,12 @@ class Engine:
         order = Order(order_id, trader_id, cmd.client_order_id, symbol, side, order_type, price,
                       qty, tif, cmd.post_only, cmd.stp, stop_price, self._ts)
         self._accept(order, trader)
+        assert market is not None  # checked
         if stop_price is not None:
             # waits for a trade printed after it arrived, even if the last one was through
-            self.stop_books[symbol].add(order)
+            market.stops.add(order)
             return
-        book = self.books[symbol]
+        book = market.book
         if order_type is _LIMIT and tif is _GTC:
             # the common case, a passive order, goes straight into the book
             level_qty = book.add_passive(order)
@@ -316,12 +345,13 @@ class Engine:
                 return
         self._execute(order, book)
 
-    def _check_new_order(self, cmd: NewOrder, trader: TraderState, symbol: str, is_buy: bool,
-                         order_type: OrderType, qty: int, price: int | None) -> Reject | None:
-        book = self.books.get(symbol)
-        if book is None:
+    def _check_new_order(self, cmd: NewOrder, trader: TraderState, market: Market | None,
+                         is_buy: bool, order_type: OrderType, qty: int,
+                         price: int | None) -> Reject | None:
+        symbol = cmd.symbol
+        if market is None:
             return RejectCode.UNKNOWN_SYMBOL, f"unknown symbol {symbol!r}"
-        if not self.market_open[symbol]:
+        if not market.is_open:
             return RejectCode.MARKET_CLOSED, f"{symbol} is closed for trading"
         if trader.status is not _OK:
             return RejectCode.TRADER_LIQUIDATING, "the trader is being liquidated"
@@ -331,11 +361,9 @@ class Engine:
         # one account lookup serves the position limit and the margin check
         account = self.ledger.accounts.get(trader.trader_id)
         position = account.positions.get(symbol) if account is not None else None
-        last = self.last_prices[symbol]
         reject = self.risk.check_new_order(
             trader, self._ts, symbol, is_buy, qty, position.qty if position else 0,
-            price if order_type is _LIMIT else None,
-            self.reference_prices[symbol] if last is None else last, self.band_bps[symbol])
+            price if order_type is _LIMIT else None, market.band_centre, market.band_bps)
         if reject is not None:
             return reject
         margin = self.margin
@@ -343,7 +371,7 @@ class Engine:
             reject = margin.check_order(trader, symbol, is_buy, qty, self.marks(), account)
             if reject is not None:
                 return reject
-        if cmd.post_only and book.would_cross(is_buy, price):
+        if cmd.post_only and market.book.would_cross(is_buy, price):
             return (RejectCode.POST_ONLY_WOULD_CROSS,
                     f"post-only {cmd.side.value} at {price} would trade on arrival")
         return None
@@ -375,8 +403,8 @@ class Engine:
         else:
             # market orders trade no further than the band's edge: a thin book cannot
             # fill them at any price, and margin checks have a worst case to count on
-            symbol = order.symbol
-            limit = band_limit(is_buy, self.reference_price(symbol), self.band_bps[symbol])
+            market = self.markets[order.symbol]
+            limit = band_limit(is_buy, market.band_centre, market.band_bps)
         tif = order.tif
         if tif is _FOK and \
                 book.fillable_qty(order, limit, order.leaves_qty) < order.leaves_qty:
@@ -399,12 +427,12 @@ class Engine:
         ts = self._ts
         events = self._events
         symbol = maker.symbol
+        market = self.markets[symbol]
         trade_id = self.next_trade_id
         self.next_trade_id = trade_id + 1
         ticks = price * qty
-        maker_rate, taker_rate = self._fee_rates[symbol]
-        maker_fee = ticks * maker_rate // 1_000_000
-        taker_fee = ticks * taker_rate // 1_000_000
+        maker_fee = ticks * market.maker_rate // 1_000_000
+        taker_fee = ticks * market.taker_rate // 1_000_000
         if taker.is_buy:
             buyer, seller, buy_fee, sell_fee = taker, maker, taker_fee, maker_fee
         else:
@@ -425,6 +453,7 @@ class Engine:
             last_prices[symbol] = price
             self._all_traded = None not in last_prices.values()
         last_prices[symbol] = price
+        market.band_centre = price
         printed = self._moved.get(symbol)
         if printed is None:
             self._moved[symbol] = [price, price]
@@ -582,7 +611,8 @@ class Engine:
         if order is None:
             return RejectCode.UNKNOWN_ORDER, "no such live order for this trader"
         symbol = order.symbol
-        if not self.market_open[symbol]:
+        market = self.markets[symbol]
+        if not market.is_open:
             return RejectCode.MARKET_CLOSED, f"{symbol} is closed for trading"
         if cmd.price is not None and order.price is None:
             return RejectCode.INVALID_FIELD, "'price' cannot be set on a stop (market) order"
@@ -599,13 +629,12 @@ class Engine:
                                        self._position(order.trader_id, symbol), 0)
         if reject is not None:
             return reject
-        is_resting = order.order_id in self.books[symbol].resting_orders
+        is_resting = order.order_id in market.book.resting_orders
         if cmd.price is not None and cmd.price != order.price and is_resting:
-            reject = check_price_band(cmd.price, self.reference_price(symbol),
-                                      self.band_bps[symbol])
+            reject = check_price_band(cmd.price, market.band_centre, market.band_bps)
             if reject is not None:
                 return reject
-            if order.post_only and self.books[symbol].would_cross(order.is_buy, cmd.price):
+            if order.post_only and market.book.would_cross(order.is_buy, cmd.price):
                 return (RejectCode.POST_ONLY_WOULD_CROSS,
                         f"post-only order amended to {cmd.price} would trade")
         if added > 0 and self.margin.enabled:
@@ -624,8 +653,9 @@ class Engine:
     def _set_market_open(self, cmd: SetMarketOpen) -> None:
         symbols = self.symbols if cmd.symbol is None else [cmd.symbol]
         for symbol in symbols:
-            if symbol in self.market_open and self.market_open[symbol] != cmd.is_open:
-                self.market_open[symbol] = cmd.is_open
+            market = self.markets.get(symbol)
+            if market is not None and market.is_open != cmd.is_open:
+                market.is_open = cmd.is_open
                 self._events.append(MarketStatusChanged(self._ts, symbol, cmd.is_open))
 
     # ================================================================= settling
@@ -652,12 +682,12 @@ class Engine:
             return  # canceled while queued behind another trigger
         self._events.append(OrderTriggered(self._ts, order.order_id, order.trader_id,
                                            order.client_order_id, order.symbol))
-        symbol = order.symbol
+        market = self.markets[order.symbol]
         if order.order_type is OrderType.STOP_LIMIT and check_price_band(
-                order.price, self.reference_price(symbol), self.band_bps[symbol]):  # type: ignore[arg-type]
+                order.price, market.band_centre, market.band_bps):  # type: ignore[arg-type]
             self._cancel_unrested(order, CancelReason.RISK)
             return
-        self._execute(order, self.books[symbol])
+        self._execute(order, market.book)
 
     def _check_margins(self, moved: list[str]) -> None:
         """Check the traders a price move or a fill may have put below maintenance: those
@@ -692,7 +722,7 @@ class Engine:
         account = self.ledger.view(trader.trader_id)
         for symbol in sorted(account.positions):
             held = account.positions[symbol].qty
-            if not held or not self.market_open[symbol]:
+            if not held or not self.markets[symbol].is_open:
                 continue  # a closed market trades nothing, liquidations included
             order = Order(self.next_order_id, trader.trader_id, f"~liq-{self.next_order_id}",
                           symbol, Side.SELL if held > 0 else Side.BUY, OrderType.MARKET, None,
