@@ -49,7 +49,7 @@ from models import (
     TraderStatusChanged,
 )
 from orderbook import Order, OrderBook
-from positions import Ledger, PositionReport
+from positions import Account, Ledger, PositionReport
 from risk_manager import Reject, RiskManager, TraderState, band_limit, check_price_band
 
 _BUY: Final = 0  # indexes into the [buy, sell] lists validate() builds
@@ -279,6 +279,8 @@ class Engine:
             live_ids.update(order.order_id for order in stops)
         assert live_ids == set(self.orders), "engine order index disagrees with the books"
         for trader_id, trader in self.traders.items():
+            assert trader.account is self.ledger.accounts.get(trader_id), \
+                f"{trader_id}'s account is not its ledger account"
             exposure: dict[str, list[int]] = {}
             for client_order_id, order in trader.live_orders.items():
                 assert order.trader_id == trader_id and order.client_order_id == client_order_id
@@ -358,8 +360,7 @@ class Engine:
         if cmd.client_order_id in trader.live_orders:
             return (RejectCode.DUPLICATE_CLIENT_ORDER_ID,
                     f"client_order_id {cmd.client_order_id!r} is already live")
-        # one account lookup serves the position limit and the margin check
-        account = self.ledger.accounts.get(trader.trader_id)
+        account = trader.account  # serves the position limit and the margin check
         position = account.positions.get(symbol) if account is not None else None
         reject = self.risk.check_new_order(
             trader, self._ts, symbol, is_buy, qty, position.qty if position else 0,
@@ -468,13 +469,18 @@ class Engine:
         trader_id = order.trader_id
         symbol = order.symbol
         self._margin_dirty[trader_id] = None
-        ledger = self.ledger
-        account = ledger.accounts.get(trader_id) or ledger.account(trader_id)
-        position = ledger.book_fill(account, symbol, is_buy, price, qty, fee)
-        self.traders[trader_id].exposure[symbol].add(is_buy, -qty)
+        trader = self.traders[trader_id]
+        account = trader.account or self._open_account(trader)
+        position = self.ledger.book_fill(account, symbol, is_buy, price, qty, fee)
+        trader.exposure[symbol].add(is_buy, -qty)
         self._events.append(PositionChanged(self._ts, trader_id, symbol, position.qty,
                                             position.open_cost, account.cash,
                                             position.realized, position.fees))
+
+    def _open_account(self, trader: TraderState) -> Account:
+        """The trader's first fill opens its ledger account."""
+        account = trader.account = self.ledger.account(trader.trader_id)
+        return account
 
     def on_self_trade_cancel(self, maker: Order, canceled_qty: int, level_qty: int) -> None:
         self._report_cancel(maker, canceled_qty, CancelReason.SELF_TRADE, level_qty)
@@ -639,7 +645,7 @@ class Engine:
                         f"post-only order amended to {cmd.price} would trade")
         if added > 0 and self.margin.enabled:
             return self.margin.check_order(trader, symbol, order.is_buy, added, self.marks(),
-                                           self.ledger.accounts.get(order.trader_id))
+                                           trader.account)
         return None
 
     def _report_amend(self, order: Order, priority_kept: bool) -> None:

@@ -58,12 +58,13 @@ class MarginRiskManager:
         worst_margin = 0  # the worst-case value times initial_bps
         # exposure has an entry for every symbol the trader ever ordered in, so for every
         # symbol it can hold: one pass covers the whole account
-        exposure = trader.exposure
-        for sym, open_qty in exposure.items():
+        ordered_before = False  # in this symbol: else its exposure has no entry yet
+        for sym, open_qty in trader.exposure.items():
             open_buy, open_sell = open_qty.buy, open_qty.sell
             position = positions.get(sym)
             held = position.qty if position is not None else 0
             if sym == symbol:
+                ordered_before = True
                 if is_buy:
                     open_buy += added_qty
                 else:
@@ -76,7 +77,7 @@ class MarginRiskManager:
             long_worst, short_worst = held + open_buy, open_sell - held  # neither below 0
             worst_margin += (long_worst if long_worst > short_worst else short_worst) * mark \
                 * initial_rates[sym]
-        if symbol not in exposure:  # the trader's first order in this symbol
+        if not ordered_before:
             worst_margin += added_qty * marks[symbol] * initial_rates[symbol]
         required = worst_margin // 10_000
         if required - held_value > cash:  # more than the equity, cash + held_value
@@ -100,12 +101,12 @@ class MarginRiskManager:
         its positions: a one-tick move changes equity by at most the position's tick
         value and maintenance by ``maintenance_bps`` of that, plus 1 for rounding.
         """
+        # a trader that passes with positions is re-armed, which replaces its arming;
+        # every other outcome disarms it
         watch = self.watch
-        watch.disarm(trader_id)
-        if not self.enabled:
-            return False
-        account = self.ledger.accounts.get(trader_id)
+        account = self.ledger.accounts.get(trader_id) if self.enabled else None
         if account is None:
+            watch.disarm(trader_id)
             return False
         tick_values, maintenance_rates = self.ledger.tick_values, self._maintenance_rates
         held_value = 0  # the positions valued at the marks
@@ -126,8 +127,11 @@ class MarginRiskManager:
         maintenance //= 10_000
         cash = account.cash
         if maintenance - held_value > cash:  # the slack, equity - maintenance, < 0
+            watch.disarm(trader_id)
             return True
-        if held:
+        if not held:
+            watch.disarm(trader_id)
+        else:
             excess = held_value - maintenance - 1  # slack - 1 is cash + excess
             budget = (cash + excess) * 10_000 if -excess < cash else 0
             divisor = held * (10_000 + self.maintenance_bps)

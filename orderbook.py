@@ -298,12 +298,9 @@ class OrderBook:
         resting here. The order's ``leaves_qty`` becomes 0, which is what marks its
         entry in the level's queue dead.
         """
-        # get and del, not pop: mypyc compiles both to C calls, pop to a method lookup
-        resting = self.resting_orders
-        order = resting.get(order_id)
+        order = self.resting_orders.pop(order_id, None)
         if order is None:
             return None
-        del resting[order_id]
         side = self.bids if order.is_buy else self.asks
         level = side.levels[order.price]  # type: ignore[index]
         canceled = order.leaves_qty
