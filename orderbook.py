@@ -143,28 +143,39 @@ class MatchSink(Protocol):
 
 
 class BookSide:
-    """One side of the book: levels by price, best first via a heap of keys."""
+    """One side of the book: levels by price, best first via a heap of keys.
 
-    __slots__ = ("_heap", "_in_heap", "is_bid", "levels")
+    The best level is also kept at hand: while it has live orders nothing can be
+    better except a level created since, which replaces it. Once it empties, the next
+    ``best_price`` finds the new best through the heap."""
+
+    __slots__ = ("_best", "_heap", "_in_heap", "is_bid", "levels")
 
     def __init__(self, is_bid: bool) -> None:
         self.is_bid = is_bid
         self.levels: dict[int, PriceLevel] = {}
         self._heap: list[int] = []  # prices, negated for bids so heap[0] is the best
         self._in_heap: set[int] = set()
+        self._best: PriceLevel | None = None  # the best level, unless emptied since
 
     def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (self.is_bid,)
 
     def best_price(self) -> int | None:
+        best = self._best
+        if best is not None and best.live_count:
+            return best.price
         heap, levels = self._heap, self.levels
         while heap:
             key = heap[0]
             price = -key if self.is_bid else key
-            if price in levels:
+            best = levels.get(price)
+            if best is not None:
+                self._best = best
                 return price
             heapq.heappop(heap)
             self._in_heap.discard(key)
+        self._best = None
         return None
 
     def level_for_insert(self, price: int) -> PriceLevel:
@@ -175,6 +186,10 @@ class BookSide:
             if key not in self._in_heap:
                 self._in_heap.add(key)
                 heapq.heappush(self._heap, key)
+            best = self._best
+            if best is not None and best.live_count and (
+                    price > best.price if self.is_bid else price < best.price):
+                self._best = level
         return level
 
     def prices_best_first(self) -> list[int]:
@@ -422,6 +437,10 @@ class OrderBook:
                         f"{order} not indexed"
                     assert order.order_id not in seen, f"{order} rests twice"
                     seen.add(order.order_id)
+            best = book_side._best
+            if best is not None and best.live_count:
+                top = max(book_side.levels) if book_side.is_bid else min(book_side.levels)
+                assert best is book_side.levels[top], f"{side} best level is not {top}"
         assert seen == set(self.resting_orders), "resting_orders index disagrees with levels"
         bid, ask = self.best_bid(), self.best_ask()
         assert bid is None or ask is None or bid < ask, f"book crossed: {bid} >= {ask}"

@@ -212,6 +212,20 @@ def test_move_the_best_price_when_the_best_level_is_emptied_by_cancels(
     book.validate()
 
 
+def test_move_the_best_price_when_a_better_level_arrives_and_when_it_empties(
+        book: OrderBook) -> None:
+    rest(book, order(1, BUY, 9_990, 1), order(2, SELL, 10_020, 1))
+    assert (book.best_bid(), book.best_ask()) == (9_990, 10_020)
+    rest(book, order(3, BUY, 10_000, 1), order(4, SELL, 10_010, 1),
+         order(5, BUY, 9_980, 1), order(6, SELL, 10_030, 1))
+    assert (book.best_bid(), book.best_ask()) == (10_000, 10_010)
+    book.validate()
+    book.remove(3)
+    book.match(order(7, BUY, 10_010, 1, trader="taker"), 10_010, RecordingSink())
+    assert (book.best_bid(), book.best_ask()) == (9_990, 10_020)
+    book.validate()
+
+
 def test_rest_again_at_a_price_when_its_level_was_emptied_before(book: OrderBook) -> None:
     rest(book, order(1, SELL, 10_010, 1), order(2, SELL, 10_020, 1))
     book.remove(1)
@@ -413,6 +427,8 @@ CORRUPTIONS: dict[str, Callable[[OrderBook], None]] = {
     "misfiled price": lambda b: setattr(b.resting_orders[3], "price", 10_011),
     "empty level kept": lambda b: b.bids.level_for_insert(9_000),
     "crossed book": lambda b: b.add(order(9, BUY, 10_020, 1)),
+    "stale best level": lambda b: (b.add(order(8, BUY, 9_990, 1)),
+                                   setattr(b.bids, "_best", b.bids.levels[9_990])),
 }
 
 
