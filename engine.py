@@ -703,10 +703,11 @@ class Engine:
         candidates = self._margin_dirty
         self._margin_dirty = {}
         candidates.update(self._liquidating)
-        pop_outside = self.margin.watch.pop_outside
-        for symbol in moved:
-            candidates.update(dict.fromkeys(pop_outside(symbol, marks[symbol])))
         traders, margin = self.traders, self.margin
+        watch = margin.watch
+        for symbol in moved:
+            for trader_id in watch.pop_outside(symbol, marks[symbol]):
+                candidates[trader_id] = None
         for trader_id in sorted(candidates):
             trader = traders[trader_id]
             if trader.status is _LIQUIDATING:
