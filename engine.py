@@ -340,10 +340,10 @@ class Engine:
         book = market.book
         if order_type is _LIMIT and tif is _GTC:
             # the common case, a passive order, goes straight into the book
-            level_qty = book.add_passive(order)
-            if level_qty is not None:
+            level = book.add_passive(order)
+            if level is not None:
                 self._events.append(BookChanged(symbol, _ADD, order_id, side, price,  # type: ignore[arg-type]
-                                                qty, level_qty))
+                                                qty, level.total_qty))
                 return
         self._execute(order, book)
 

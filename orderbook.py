@@ -162,17 +162,20 @@ class BookSide:
         return (self.is_bid,)
 
     def best_price(self) -> int | None:
+        best = self.best_level()
+        return None if best is None else best.price
+
+    def best_level(self) -> PriceLevel | None:
         best = self._best
         if best is not None and best.live_count:
-            return best.price
+            return best
         heap, levels = self._heap, self.levels
         while heap:
             key = heap[0]
-            price = -key if self.is_bid else key
-            best = levels.get(price)
+            best = levels.get(-key if self.is_bid else key)
             if best is not None:
                 self._best = best
-                return price
+                return best
             heapq.heappop(heap)
             self._in_heap.discard(key)
         self._best = None
@@ -283,28 +286,31 @@ class OrderBook:
         self.resting_orders[order.order_id] = order
         return level.total_qty
 
-    def add_passive(self, order: Order) -> int | None:
+    def add_passive(self, order: Order) -> PriceLevel | None:
         """``would_cross`` and ``add`` in one step, for the most common order of all, a
-        limit order that does not trade on arrival: rest it and return the level's new
-        total, or return ``None`` and change nothing if it would trade."""
-        # a limit order has a price; typed int, the compiled build compares natively
-        price: int = order.price  # type: ignore[assignment]
+        limit order that does not trade on arrival: rest it and return its level, or
+        return ``None`` and change nothing if it would trade.
+
+        Levels, not prices, are compared and returned: in the compiled build an int
+        that leaves a native variable becomes a new int object."""
+        price: int = order.price  # type: ignore[assignment]  # a limit order has one
         if order.is_buy:
-            best = self.asks.best_price()
-            if best is not None and price >= best:
+            best = self.asks.best_level()
+            if best is not None and price >= best.price:
                 return None
             side = self.bids
         else:
-            best = self.bids.best_price()
-            if best is not None and price <= best:
+            best = self.bids.best_level()
+            if best is not None and price <= best.price:
                 return None
             side = self.asks
-        level = side.levels.get(price) or side.level_for_insert(price)
+        # the key as the order holds it, already an int object
+        level = side.levels.get(order.price) or side.level_for_insert(price)  # type: ignore[arg-type]
         level.orders.append(order)
         level.live_count += 1
         level.total_qty += order.leaves_qty
         self.resting_orders[order.order_id] = order
-        return level.total_qty
+        return level
 
     def remove(self, order_id: int) -> tuple[Order, int, int] | None:
         """Take a resting order out of the book in O(1).

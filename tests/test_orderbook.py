@@ -143,24 +143,26 @@ def test_rest_only_a_non_crossing_order_when_adding_it_as_passive(
         rest(book, order(3, side, price, 2))
     before = book.state_hash()
     incoming = order(4, side, price, 5)
-    level_qty = book.add_passive(incoming)
+    level = book.add_passive(incoming)
     book.validate()
     if rests:
         # at the back of its level, behind order 3
-        assert level_qty == 7 == book.level_qty(side, price)
+        assert level is not None and level.total_qty == 7 == book.level_qty(side, price)
         assert book.resting_orders[4] is incoming
         assert [entry for entry in l3(book, side) if entry[0] == price] == [
             (price, 3, 2), (price, 4, 5)]
     else:
         # would trade on arrival: the caller matches it, so nothing may have changed
-        assert level_qty is None and book.state_hash() == before
+        assert level is None and book.state_hash() == before
         assert incoming.leaves_qty == 5 and 4 not in book.resting_orders
 
 
 def test_rest_on_either_side_when_adding_passive_to_an_empty_book(book: OrderBook) -> None:
-    assert book.add_passive(order(1, BUY, 10_000, 3)) == 3
+    bid = book.add_passive(order(1, BUY, 10_000, 3))
+    assert bid is not None and (bid.price, bid.total_qty) == (10_000, 3)
     assert book.add_passive(order(2, SELL, 9_000, 2)) is None  # crosses the new bid
-    assert book.add_passive(order(3, SELL, 10_001, 2)) == 2
+    ask = book.add_passive(order(3, SELL, 10_001, 2))
+    assert ask is not None and (ask.price, ask.total_qty) == (10_001, 2)
     book.validate()
     assert (book.best_bid(), book.best_ask()) == (10_000, 10_001)
 
