@@ -23,6 +23,21 @@ from positions import Account, Ledger, Position
 from risk_manager import Reject, TraderState
 
 
+class SymbolRates:
+    """One symbol's factors in the margin sums, found with one lookup: money units per
+    lot and tick, and that times the initial and the maintenance bps."""
+
+    __slots__ = ("initial", "maintenance", "tick_value")
+
+    def __init__(self, tick_value: int, initial_bps: int, maintenance_bps: int) -> None:
+        self.tick_value = tick_value
+        self.initial = tick_value * initial_bps
+        self.maintenance = tick_value * maintenance_bps
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
+        return (self.tick_value, 0, 0)
+
+
 class MarginRiskManager:
     def __init__(self, config: MarginConfig, ledger: Ledger) -> None:
         self.enabled = config.enabled
@@ -33,10 +48,8 @@ class MarginRiskManager:
         # per symbol, tick value x bps: with the sign kept out of products (see
         # positions.book_fill) the checks below stay in machine ints under mypyc, and the
         # trader's cash, a bignum at realistic scales, only meets them in one comparison
-        self._initial_rates = {symbol: tick_value * self.initial_bps
-                               for symbol, tick_value in ledger.tick_values.items()}
-        self._maintenance_rates = {symbol: tick_value * self.maintenance_bps
-                                   for symbol, tick_value in ledger.tick_values.items()}
+        self._rates = {symbol: SymbolRates(tick_value, self.initial_bps, self.maintenance_bps)
+                       for symbol, tick_value in ledger.tick_values.items()}
 
     def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (MarginConfig(), self.ledger)
@@ -53,7 +66,7 @@ class MarginRiskManager:
             cash = self.ledger.initial_cash
         else:
             positions, cash = account.positions, account.cash
-        tick_values, initial_rates = self.ledger.tick_values, self._initial_rates
+        all_rates = self._rates
         held_value = 0  # the positions valued at the marks
         worst_margin = 0  # the worst-case value times initial_bps
         # exposure has an entry for every symbol the trader ever ordered in, so for every
@@ -70,15 +83,16 @@ class MarginRiskManager:
                 else:
                     open_sell += added_qty
             mark = marks[sym]
+            rates = all_rates[sym]
             if held > 0:
-                held_value += held * mark * tick_values[sym]
+                held_value += held * mark * rates.tick_value
             elif held < 0:
-                held_value -= -held * mark * tick_values[sym]
+                held_value -= -held * mark * rates.tick_value
             long_worst, short_worst = held + open_buy, open_sell - held  # neither below 0
             worst_margin += (long_worst if long_worst > short_worst else short_worst) * mark \
-                * initial_rates[sym]
+                * rates.initial
         if not ordered_before:
-            worst_margin += added_qty * marks[symbol] * initial_rates[symbol]
+            worst_margin += added_qty * marks[symbol] * all_rates[symbol].initial
         required = worst_margin // 10_000
         if required - held_value > cash:  # more than the equity, cash + held_value
             return (RejectCode.RISK_INSUFFICIENT_MARGIN,
@@ -108,7 +122,7 @@ class MarginRiskManager:
         if account is None:
             watch.disarm(trader_id)
             return False
-        tick_values, maintenance_rates = self.ledger.tick_values, self._maintenance_rates
+        all_rates = self._rates
         held_value = 0  # the positions valued at the marks
         maintenance = 0  # their notional times maintenance_bps
         held = 0
@@ -117,12 +131,13 @@ class MarginRiskManager:
             qty = position.qty
             if qty:
                 mark = marks[symbol]
+                rates = all_rates[symbol]
                 size = qty if qty > 0 else -qty
                 if qty > 0:
-                    held_value += size * mark * tick_values[symbol]
+                    held_value += size * mark * rates.tick_value
                 else:
-                    held_value -= size * mark * tick_values[symbol]
-                maintenance += size * mark * maintenance_rates[symbol]
+                    held_value -= size * mark * rates.tick_value
+                maintenance += size * mark * rates.maintenance
                 held += 1
         maintenance //= 10_000
         cash = account.cash
@@ -140,7 +155,7 @@ class MarginRiskManager:
                 qty = position.qty
                 if qty:
                     mark = marks[symbol]
-                    per_tick = (qty if qty > 0 else -qty) * tick_values[symbol]
+                    per_tick = (qty if qty > 0 else -qty) * all_rates[symbol].tick_value
                     reach = budget // (divisor * per_tick)
                     watch.add_band(symbol, trader_id, mark - reach, mark + reach, arming)
         return False
