@@ -541,11 +541,12 @@ class Engine:
 
     def _cancel_live(self, order: Order, reason: CancelReason) -> None:
         """Cancel a live order wherever it is: resting in the book or a waiting stop."""
-        removed = self.books[order.symbol].remove(order.order_id)
-        if removed is None:  # a stop waiting outside the book
+        canceled = order.leaves_qty
+        level = self.books[order.symbol].remove(order.order_id)
+        if level is None:  # a stop waiting outside the book
             self._cancel_unrested(order, reason)
         else:
-            self._report_cancel(order, removed[1], reason, removed[2])
+            self._report_cancel(order, canceled, reason, level.total_qty)
 
     def _report_cancel(self, order: Order, canceled_qty: int, reason: CancelReason,
                        level_qty: int, counted: bool = False) -> None:
@@ -604,7 +605,7 @@ class Engine:
             self._events.append(BookChanged(order.symbol, BookAction.AMEND, order.order_id,
                                             order.side, order.price, new_leaves, level_qty))  # type: ignore[arg-type]
         else:
-            _, _, level_qty = book.remove(order.order_id)  # type: ignore[misc]
+            level_qty = book.remove(order.order_id).total_qty  # type: ignore[union-attr]
             requeued = order.requeued(new_price, new_qty, new_leaves, self._ts)
             self.orders[order.order_id] = requeued
             trader.live_orders[order.client_order_id] = requeued

@@ -312,12 +312,14 @@ class OrderBook:
         self.resting_orders[order.order_id] = order
         return level
 
-    def remove(self, order_id: int) -> tuple[Order, int, int] | None:
+    def remove(self, order_id: int) -> PriceLevel | None:
         """Take a resting order out of the book in O(1).
 
-        Returns ``(order, canceled_qty, level_qty)``, or ``None`` if the order is not
-        resting here. The order's ``leaves_qty`` becomes 0, which is what marks its
-        entry in the level's queue dead.
+        Returns the level it left (its ``total_qty`` is the level's new total, 0 if the
+        level is gone), or ``None`` if the order is not resting here. The order's
+        ``leaves_qty`` becomes 0, which is what marks its entry in the level's queue
+        dead: a caller that needs the canceled quantity reads it first. (A level rather
+        than a tuple of ints: the compiled build would box each int.)
         """
         order = self.resting_orders.pop(order_id, None)
         if order is None:
@@ -332,7 +334,7 @@ class OrderBook:
             del side.levels[order.price]  # type: ignore[arg-type]
         elif len(level.orders) - level.head > 2 * level.live_count + 16:
             level.compact()
-        return order, canceled, level.total_qty
+        return level
 
     def reduce(self, order: Order, new_leaves: int) -> int:
         """Lower a resting order's leaves in place, keeping its priority; returns the

@@ -173,8 +173,8 @@ def test_rest_on_either_side_when_adding_passive_to_an_empty_book(book: OrderBoo
 def test_adjust_the_level_at_once_when_an_order_is_removed(book: OrderBook) -> None:
     first, middle, last = rest(book, order(1, SELL, 10_010, 2), order(2, SELL, 10_010, 5),
                                order(3, SELL, 10_010, 4))
-    removed = book.remove(2)
-    assert removed == (middle, 5, 6)
+    level = book.remove(2)
+    assert level is book.asks.levels[10_010] and level.total_qty == 6
     assert middle.leaves_qty == 0  # what marks its queue entry dead
     assert book.level_qty(SELL, 10_010) == 6
     assert book.depth(SELL) == [(10_010, 6)]
@@ -208,7 +208,8 @@ def test_move_the_best_price_when_the_best_level_is_emptied_by_cancels(
     rest(book, order(1, BUY, 10_000, 1), order(2, BUY, 10_000, 1), order(3, BUY, 9_990, 1))
     book.remove(2)
     assert book.best_bid() == 10_000
-    book.remove(1)
+    emptied = book.remove(1)
+    assert emptied is not None and emptied.total_qty == 0  # the level is gone
     assert book.best_bid() == 9_990
     assert book.depth(BUY) == [(9_990, 1)]
     book.validate()
