@@ -676,12 +676,14 @@ class Engine:
                 self._run_triggered(self._triggered.popleft())
             elif self._moved:
                 for symbol, (low, high) in self._moved.items():
-                    self._triggered.extend(self.stop_books[symbol].pop_triggered(low, high))
+                    triggered = self.stop_books[symbol].pop_triggered(low, high)
+                    if triggered:  # rare: spares the deque's generic method call
+                        self._triggered.extend(triggered)
                     margin_due[symbol] = None
                 self._moved.clear()
             else:
                 if self.margin.enabled:
-                    self._check_margins(list(margin_due))
+                    self._check_margins(margin_due)
                 margin_due.clear()
 
     def _run_triggered(self, order: Order) -> None:
@@ -696,7 +698,7 @@ class Engine:
             return
         self._execute(order, market.book)
 
-    def _check_margins(self, moved: list[str]) -> None:
+    def _check_margins(self, moved: dict[str, None]) -> None:
         """Check the traders a price move or a fill may have put below maintenance: those
         whose safe band the new mark left, those whose account changed, and those still
         being liquidated. In trader-id order, so the outcome never depends on history."""
