@@ -450,7 +450,7 @@ class Engine:
             del self.orders[maker.order_id]
             del self.traders[maker.trader_id].live_orders[maker.client_order_id]
         last_prices = self.last_prices
-        if last_prices[symbol] is None:
+        if not self._all_traded and last_prices[symbol] is None:
             last_prices[symbol] = price
             self._all_traded = None not in last_prices.values()
         last_prices[symbol] = price
