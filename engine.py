@@ -15,10 +15,9 @@ from __future__ import annotations
 import hashlib
 import heapq
 from collections import deque
-from collections.abc import Callable
 from typing import Any, Final
 
-from config import ExchangeConfig
+from config import ExchangeConfig, InstrumentConfig
 from margin_risk_manager import MarginRiskManager
 from models import (
     AmendOrder,
@@ -50,7 +49,7 @@ from models import (
     TraderStatusChanged,
 )
 from orderbook import Order, OrderBook
-from positions import Ledger, PositionReport
+from positions import Account, Ledger, PositionReport
 from risk_manager import Reject, RiskManager, TraderState, band_limit, check_price_band
 
 _BUY: Final = 0  # indexes into the [buy, sell] lists validate() builds
@@ -110,28 +109,51 @@ class StopBook:
                        if entry[2].leaves_qty), key=lambda order: order.order_id)
 
 
+class Market:
+    """One symbol's state as the hot path needs it: a command finds its book, whether
+    the market is open, the price band and the fee rates with one lookup by symbol
+    instead of one per item."""
+
+    __slots__ = ("band_bps", "band_centre", "book", "is_open", "maker_rate",
+                 "reference_price", "stops", "symbol", "taker_rate")
+
+    def __init__(self, instrument: InstrumentConfig, maker_ppm: int, taker_ppm: int) -> None:
+        self.symbol = symbol = instrument.symbol
+        self.book = OrderBook(symbol)
+        self.stops = StopBook()
+        self.is_open = True
+        self.band_bps = instrument.band_bps
+        self.reference_price = instrument.reference_price  # the configured one
+        # the price band's centre: the last trade, else the configured reference
+        self.band_centre = instrument.reference_price
+        # money units per tick x lot x 1e6 of fee: price * qty * rate stays in machine
+        # ints under mypyc where price * qty * tick_value * ppm would not
+        tick_value = instrument.tick_value
+        self.maker_rate = tick_value * maker_ppm
+        self.taker_rate = tick_value * taker_ppm
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
+        return (InstrumentConfig(symbol=self.symbol), 0, 0)
+
+
 class Engine:
     """All instruments, all traders; one command at a time."""
 
     def __init__(self, config: ExchangeConfig | None = None) -> None:
         self.config = config = config or ExchangeConfig()
         self.symbols = [instrument.symbol for instrument in config.instruments]
-        self.books = {symbol: OrderBook(symbol) for symbol in self.symbols}
-        self.stop_books = {symbol: StopBook() for symbol in self.symbols}
-        self.market_open = dict.fromkeys(self.symbols, True)
+        self.maker_ppm = config.fees.maker_ppm
+        self.taker_ppm = config.fees.taker_ppm
+        self.markets = {i.symbol: Market(i, self.maker_ppm, self.taker_ppm)
+                        for i in config.instruments}
+        # views by symbol for readers outside the hot path (the same objects)
+        self.books = {symbol: market.book for symbol, market in self.markets.items()}
+        self.stop_books = {symbol: market.stops for symbol, market in self.markets.items()}
         self.tick_values = {i.symbol: i.tick_value for i in config.instruments}
-        self.band_bps = {i.symbol: i.band_bps for i in config.instruments}
-        self.reference_prices = {i.symbol: i.reference_price for i in config.instruments}
         self.last_prices: dict[str, int | None] = dict.fromkeys(self.symbols)
         self.ledger = Ledger(config.margin.initial_cash_units, self.tick_values)
         self.risk = RiskManager(config.risk)
         self.margin = MarginRiskManager(config.margin, self.ledger)
-        self.maker_ppm = config.fees.maker_ppm
-        self.taker_ppm = config.fees.taker_ppm
-        # per symbol, money units per tick x lot x 1e6 of fee: price * qty * rate stays in
-        # machine ints under mypyc where price * qty * tick_value * ppm would not
-        self._fee_rates = {symbol: (tick_value * self.maker_ppm, tick_value * self.taker_ppm)
-                           for symbol, tick_value in self.tick_values.items()}
         self.traders: dict[str, TraderState] = {}
         self.orders: dict[int, Order] = {}  # every live order: resting or waiting stop
         self.next_order_id = 1
@@ -145,13 +167,6 @@ class Engine:
         self._liquidating: dict[str, None] = {}
         self._margin_dirty: dict[str, None] = {}  # traders a fill changed since the last check
         self._all_traded = False  # once every symbol traded, marks() is last_prices itself
-        self._handlers: dict[type, Callable[[Any], None]] = {
-            NewOrder: self._new_order,
-            CancelOrder: self._cancel,
-            AmendOrder: self._amend,
-            CancelAll: self._cancel_all,
-            SetMarketOpen: self._set_market_open,
-        }
 
     # ================================================================= entry point
 
@@ -163,7 +178,21 @@ class Engine:
         events: list[Event] = []
         self._events = events
         self._ts = ts
-        self._handlers[type(command)](command)
+        # isinstance chains, not a dict of bound methods: in the compiled build each
+        # branch is a direct native call, where a bound method goes through its Python
+        # wrapper (argument parsing included)
+        if isinstance(command, NewOrder):
+            self._new_order(command)
+        elif isinstance(command, CancelOrder):
+            self._cancel(command)
+        elif isinstance(command, AmendOrder):
+            self._amend(command)
+        elif isinstance(command, CancelAll):
+            self._cancel_all(command)
+        elif isinstance(command, SetMarketOpen):
+            self._set_market_open(command)
+        else:
+            raise TypeError(f"not an engine command: {command!r}")
         if self._moved or self._triggered:
             self._settle()
         return events
@@ -185,7 +214,7 @@ class Engine:
         bid, ask = book.best_bid(), book.best_ask()
         if bid is not None and ask is not None:
             return (bid + ask) // 2
-        return self.reference_prices[symbol]
+        return self.markets[symbol].reference_price
 
     def marks(self) -> dict[str, int]:
         """Every symbol's mark. Read-only: once every symbol has traded this is the
@@ -194,10 +223,14 @@ class Engine:
             return self.last_prices  # type: ignore[return-value]
         return {symbol: self.mark_price(symbol) for symbol in self.symbols}
 
+    @property
+    def market_open(self) -> dict[str, bool]:
+        """Whether each symbol trades (a fresh dict: ``SetMarketOpen`` changes it)."""
+        return {symbol: market.is_open for symbol, market in self.markets.items()}
+
     def reference_price(self, symbol: str) -> int:
         """The price band's centre: the last trade, else the configured reference."""
-        last = self.last_prices[symbol]
-        return self.reference_prices[symbol] if last is None else last
+        return self.markets[symbol].band_centre
 
     def open_orders(self, trader_id: str, symbol: str | None = None) -> list[Order]:
         trader = self.traders.get(trader_id)
@@ -246,6 +279,8 @@ class Engine:
             live_ids.update(order.order_id for order in stops)
         assert live_ids == set(self.orders), "engine order index disagrees with the books"
         for trader_id, trader in self.traders.items():
+            assert trader.account is self.ledger.accounts.get(trader_id), \
+                f"{trader_id}'s account is not its ledger account"
             exposure: dict[str, list[int]] = {}
             for client_order_id, order in trader.live_orders.items():
                 assert order.trader_id == trader_id and order.client_order_id == client_order_id
@@ -284,7 +319,8 @@ class Engine:
         trader_id, symbol, side, order_type, qty, price, tif = (
             cmd.trader_id, cmd.symbol, cmd.side, cmd.order_type, cmd.qty, cmd.price, cmd.tif)
         trader = self.traders.get(trader_id) or self.trader(trader_id)
-        reject = self._check_new_order(cmd, trader, symbol, side is _BUY_SIDE, order_type, qty,
+        market = self.markets.get(symbol)
+        reject = self._check_new_order(cmd, trader, market, side is _BUY_SIDE, order_type, qty,
                                        price)
         if reject is not None:
             self._events.append(OrderRejected(self._ts, trader_id, cmd.client_order_id,
@@ -296,40 +332,39 @@ class Engine:
         order = Order(order_id, trader_id, cmd.client_order_id, symbol, side, order_type, price,
                       qty, tif, cmd.post_only, cmd.stp, stop_price, self._ts)
         self._accept(order, trader)
+        assert market is not None  # checked
         if stop_price is not None:
             # waits for a trade printed after it arrived, even if the last one was through
-            self.stop_books[symbol].add(order)
+            market.stops.add(order)
             return
-        book = self.books[symbol]
+        book = market.book
         if order_type is _LIMIT and tif is _GTC:
             # the common case, a passive order, goes straight into the book
-            level_qty = book.add_passive(order)
-            if level_qty is not None:
+            level = book.add_passive(order)
+            if level is not None:
                 self._events.append(BookChanged(symbol, _ADD, order_id, side, price,  # type: ignore[arg-type]
-                                                qty, level_qty))
+                                                qty, level.total_qty))
                 return
         self._execute(order, book)
 
-    def _check_new_order(self, cmd: NewOrder, trader: TraderState, symbol: str, is_buy: bool,
-                         order_type: OrderType, qty: int, price: int | None) -> Reject | None:
-        book = self.books.get(symbol)
-        if book is None:
+    def _check_new_order(self, cmd: NewOrder, trader: TraderState, market: Market | None,
+                         is_buy: bool, order_type: OrderType, qty: int,
+                         price: int | None) -> Reject | None:
+        symbol = cmd.symbol
+        if market is None:
             return RejectCode.UNKNOWN_SYMBOL, f"unknown symbol {symbol!r}"
-        if not self.market_open[symbol]:
+        if not market.is_open:
             return RejectCode.MARKET_CLOSED, f"{symbol} is closed for trading"
         if trader.status is not _OK:
             return RejectCode.TRADER_LIQUIDATING, "the trader is being liquidated"
         if cmd.client_order_id in trader.live_orders:
             return (RejectCode.DUPLICATE_CLIENT_ORDER_ID,
                     f"client_order_id {cmd.client_order_id!r} is already live")
-        # one account lookup serves the position limit and the margin check
-        account = self.ledger.accounts.get(trader.trader_id)
+        account = trader.account  # serves the position limit and the margin check
         position = account.positions.get(symbol) if account is not None else None
-        last = self.last_prices[symbol]
         reject = self.risk.check_new_order(
             trader, self._ts, symbol, is_buy, qty, position.qty if position else 0,
-            price if order_type is _LIMIT else None,
-            self.reference_prices[symbol] if last is None else last, self.band_bps[symbol])
+            price if order_type is _LIMIT else None, market.band_centre, market.band_bps)
         if reject is not None:
             return reject
         margin = self.margin
@@ -337,7 +372,7 @@ class Engine:
             reject = margin.check_order(trader, symbol, is_buy, qty, self.marks(), account)
             if reject is not None:
                 return reject
-        if cmd.post_only and book.would_cross(is_buy, price):
+        if cmd.post_only and market.book.would_cross(is_buy, price):
             return (RejectCode.POST_ONLY_WOULD_CROSS,
                     f"post-only {cmd.side.value} at {price} would trade on arrival")
         return None
@@ -369,8 +404,8 @@ class Engine:
         else:
             # market orders trade no further than the band's edge: a thin book cannot
             # fill them at any price, and margin checks have a worst case to count on
-            symbol = order.symbol
-            limit = band_limit(is_buy, self.reference_price(symbol), self.band_bps[symbol])
+            market = self.markets[order.symbol]
+            limit = band_limit(is_buy, market.band_centre, market.band_bps)
         tif = order.tif
         if tif is _FOK and \
                 book.fillable_qty(order, limit, order.leaves_qty) < order.leaves_qty:
@@ -393,12 +428,12 @@ class Engine:
         ts = self._ts
         events = self._events
         symbol = maker.symbol
+        market = self.markets[symbol]
         trade_id = self.next_trade_id
         self.next_trade_id = trade_id + 1
         ticks = price * qty
-        maker_rate, taker_rate = self._fee_rates[symbol]
-        maker_fee = ticks * maker_rate // 1_000_000
-        taker_fee = ticks * taker_rate // 1_000_000
+        maker_fee = ticks * market.maker_rate // 1_000_000
+        taker_fee = ticks * market.taker_rate // 1_000_000
         if taker.is_buy:
             buyer, seller, buy_fee, sell_fee = taker, maker, taker_fee, maker_fee
         else:
@@ -415,10 +450,11 @@ class Engine:
             del self.orders[maker.order_id]
             del self.traders[maker.trader_id].live_orders[maker.client_order_id]
         last_prices = self.last_prices
-        if last_prices[symbol] is None:
+        if not self._all_traded and last_prices[symbol] is None:
             last_prices[symbol] = price
             self._all_traded = None not in last_prices.values()
         last_prices[symbol] = price
+        market.band_centre = price
         printed = self._moved.get(symbol)
         if printed is None:
             self._moved[symbol] = [price, price]
@@ -433,13 +469,18 @@ class Engine:
         trader_id = order.trader_id
         symbol = order.symbol
         self._margin_dirty[trader_id] = None
-        ledger = self.ledger
-        account = ledger.accounts.get(trader_id) or ledger.account(trader_id)
-        position = ledger.book_fill(account, symbol, is_buy, price, qty, fee)
-        self.traders[trader_id].exposure[symbol].add(is_buy, -qty)
+        trader = self.traders[trader_id]
+        account = trader.account or self._open_account(trader)
+        position = self.ledger.book_fill(account, symbol, is_buy, price, qty, fee)
+        trader.exposure[symbol].add(is_buy, -qty)
         self._events.append(PositionChanged(self._ts, trader_id, symbol, position.qty,
                                             position.open_cost, account.cash,
                                             position.realized, position.fees))
+
+    def _open_account(self, trader: TraderState) -> Account:
+        """The trader's first fill opens its ledger account."""
+        account = trader.account = self.ledger.account(trader.trader_id)
+        return account
 
     def on_self_trade_cancel(self, maker: Order, canceled_qty: int, level_qty: int) -> None:
         self._report_cancel(maker, canceled_qty, CancelReason.SELF_TRADE, level_qty)
@@ -500,11 +541,12 @@ class Engine:
 
     def _cancel_live(self, order: Order, reason: CancelReason) -> None:
         """Cancel a live order wherever it is: resting in the book or a waiting stop."""
-        removed = self.books[order.symbol].remove(order.order_id)
-        if removed is None:  # a stop waiting outside the book
+        canceled = order.leaves_qty
+        level = self.books[order.symbol].remove(order.order_id)
+        if level is None:  # a stop waiting outside the book
             self._cancel_unrested(order, reason)
         else:
-            self._report_cancel(order, removed[1], reason, removed[2])
+            self._report_cancel(order, canceled, reason, level.total_qty)
 
     def _report_cancel(self, order: Order, canceled_qty: int, reason: CancelReason,
                        level_qty: int, counted: bool = False) -> None:
@@ -563,7 +605,7 @@ class Engine:
             self._events.append(BookChanged(order.symbol, BookAction.AMEND, order.order_id,
                                             order.side, order.price, new_leaves, level_qty))  # type: ignore[arg-type]
         else:
-            _, _, level_qty = book.remove(order.order_id)  # type: ignore[misc]
+            level_qty = book.remove(order.order_id).total_qty  # type: ignore[union-attr]
             requeued = order.requeued(new_price, new_qty, new_leaves, self._ts)
             self.orders[order.order_id] = requeued
             trader.live_orders[order.client_order_id] = requeued
@@ -576,7 +618,8 @@ class Engine:
         if order is None:
             return RejectCode.UNKNOWN_ORDER, "no such live order for this trader"
         symbol = order.symbol
-        if not self.market_open[symbol]:
+        market = self.markets[symbol]
+        if not market.is_open:
             return RejectCode.MARKET_CLOSED, f"{symbol} is closed for trading"
         if cmd.price is not None and order.price is None:
             return RejectCode.INVALID_FIELD, "'price' cannot be set on a stop (market) order"
@@ -593,18 +636,17 @@ class Engine:
                                        self._position(order.trader_id, symbol), 0)
         if reject is not None:
             return reject
-        is_resting = order.order_id in self.books[symbol].resting_orders
+        is_resting = order.order_id in market.book.resting_orders
         if cmd.price is not None and cmd.price != order.price and is_resting:
-            reject = check_price_band(cmd.price, self.reference_price(symbol),
-                                      self.band_bps[symbol])
+            reject = check_price_band(cmd.price, market.band_centre, market.band_bps)
             if reject is not None:
                 return reject
-            if order.post_only and self.books[symbol].would_cross(order.is_buy, cmd.price):
+            if order.post_only and market.book.would_cross(order.is_buy, cmd.price):
                 return (RejectCode.POST_ONLY_WOULD_CROSS,
                         f"post-only order amended to {cmd.price} would trade")
         if added > 0 and self.margin.enabled:
             return self.margin.check_order(trader, symbol, order.is_buy, added, self.marks(),
-                                           self.ledger.accounts.get(order.trader_id))
+                                           trader.account)
         return None
 
     def _report_amend(self, order: Order, priority_kept: bool) -> None:
@@ -618,8 +660,9 @@ class Engine:
     def _set_market_open(self, cmd: SetMarketOpen) -> None:
         symbols = self.symbols if cmd.symbol is None else [cmd.symbol]
         for symbol in symbols:
-            if symbol in self.market_open and self.market_open[symbol] != cmd.is_open:
-                self.market_open[symbol] = cmd.is_open
+            market = self.markets.get(symbol)
+            if market is not None and market.is_open != cmd.is_open:
+                market.is_open = cmd.is_open
                 self._events.append(MarketStatusChanged(self._ts, symbol, cmd.is_open))
 
     # ================================================================= settling
@@ -633,12 +676,14 @@ class Engine:
                 self._run_triggered(self._triggered.popleft())
             elif self._moved:
                 for symbol, (low, high) in self._moved.items():
-                    self._triggered.extend(self.stop_books[symbol].pop_triggered(low, high))
+                    triggered = self.stop_books[symbol].pop_triggered(low, high)
+                    if triggered:  # rare: spares the deque's generic method call
+                        self._triggered.extend(triggered)
                     margin_due[symbol] = None
                 self._moved.clear()
             else:
                 if self.margin.enabled:
-                    self._check_margins(list(margin_due))
+                    self._check_margins(margin_due)
                 margin_due.clear()
 
     def _run_triggered(self, order: Order) -> None:
@@ -646,14 +691,14 @@ class Engine:
             return  # canceled while queued behind another trigger
         self._events.append(OrderTriggered(self._ts, order.order_id, order.trader_id,
                                            order.client_order_id, order.symbol))
-        symbol = order.symbol
+        market = self.markets[order.symbol]
         if order.order_type is OrderType.STOP_LIMIT and check_price_band(
-                order.price, self.reference_price(symbol), self.band_bps[symbol]):  # type: ignore[arg-type]
+                order.price, market.band_centre, market.band_bps):  # type: ignore[arg-type]
             self._cancel_unrested(order, CancelReason.RISK)
             return
-        self._execute(order, self.books[symbol])
+        self._execute(order, market.book)
 
-    def _check_margins(self, moved: list[str]) -> None:
+    def _check_margins(self, moved: dict[str, None]) -> None:
         """Check the traders a price move or a fill may have put below maintenance: those
         whose safe band the new mark left, those whose account changed, and those still
         being liquidated. In trader-id order, so the outcome never depends on history."""
@@ -661,15 +706,16 @@ class Engine:
         candidates = self._margin_dirty
         self._margin_dirty = {}
         candidates.update(self._liquidating)
-        pop_outside = self.margin.watch.pop_outside
+        traders, margin = self.traders, self.margin
+        watch = margin.watch
         for symbol in moved:
-            candidates.update(dict.fromkeys(pop_outside(symbol, marks[symbol])))
-        traders, in_breach = self.traders, self.margin.in_breach
+            for trader_id in watch.pop_outside(symbol, marks[symbol]):
+                candidates[trader_id] = None
         for trader_id in sorted(candidates):
             trader = traders[trader_id]
             if trader.status is _LIQUIDATING:
                 self._flatten(trader)
-            elif in_breach(trader_id, marks):
+            elif margin.in_breach(trader_id, marks):
                 self._liquidate(trader)
 
     def _liquidate(self, trader: TraderState) -> None:
@@ -686,7 +732,7 @@ class Engine:
         account = self.ledger.view(trader.trader_id)
         for symbol in sorted(account.positions):
             held = account.positions[symbol].qty
-            if not held or not self.market_open[symbol]:
+            if not held or not self.markets[symbol].is_open:
                 continue  # a closed market trades nothing, liquidations included
             order = Order(self.next_order_id, trader.trader_id, f"~liq-{self.next_order_id}",
                           symbol, Side.SELL if held > 0 else Side.BUY, OrderType.MARKET, None,

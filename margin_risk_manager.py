@@ -23,6 +23,21 @@ from positions import Account, Ledger, Position
 from risk_manager import Reject, TraderState
 
 
+class SymbolRates:
+    """One symbol's factors in the margin sums, found with one lookup: money units per
+    lot and tick, and that times the initial and the maintenance bps."""
+
+    __slots__ = ("initial", "maintenance", "tick_value")
+
+    def __init__(self, tick_value: int, initial_bps: int, maintenance_bps: int) -> None:
+        self.tick_value = tick_value
+        self.initial = tick_value * initial_bps
+        self.maintenance = tick_value * maintenance_bps
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
+        return (self.tick_value, 0, 0)
+
+
 class MarginRiskManager:
     def __init__(self, config: MarginConfig, ledger: Ledger) -> None:
         self.enabled = config.enabled
@@ -33,10 +48,8 @@ class MarginRiskManager:
         # per symbol, tick value x bps: with the sign kept out of products (see
         # positions.book_fill) the checks below stay in machine ints under mypyc, and the
         # trader's cash, a bignum at realistic scales, only meets them in one comparison
-        self._initial_rates = {symbol: tick_value * self.initial_bps
-                               for symbol, tick_value in ledger.tick_values.items()}
-        self._maintenance_rates = {symbol: tick_value * self.maintenance_bps
-                                   for symbol, tick_value in ledger.tick_values.items()}
+        self._rates = {symbol: SymbolRates(tick_value, self.initial_bps, self.maintenance_bps)
+                       for symbol, tick_value in ledger.tick_values.items()}
 
     def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (MarginConfig(), self.ledger)
@@ -53,31 +66,33 @@ class MarginRiskManager:
             cash = self.ledger.initial_cash
         else:
             positions, cash = account.positions, account.cash
-        tick_values, initial_rates = self.ledger.tick_values, self._initial_rates
+        all_rates = self._rates
         held_value = 0  # the positions valued at the marks
         worst_margin = 0  # the worst-case value times initial_bps
         # exposure has an entry for every symbol the trader ever ordered in, so for every
         # symbol it can hold: one pass covers the whole account
-        exposure = trader.exposure
-        for sym, open_qty in exposure.items():
+        ordered_before = False  # in this symbol: else its exposure has no entry yet
+        for sym, open_qty in trader.exposure.items():
             open_buy, open_sell = open_qty.buy, open_qty.sell
             position = positions.get(sym)
             held = position.qty if position is not None else 0
             if sym == symbol:
+                ordered_before = True
                 if is_buy:
                     open_buy += added_qty
                 else:
                     open_sell += added_qty
             mark = marks[sym]
+            rates = all_rates[sym]
             if held > 0:
-                held_value += held * mark * tick_values[sym]
+                held_value += held * mark * rates.tick_value
             elif held < 0:
-                held_value -= -held * mark * tick_values[sym]
+                held_value -= -held * mark * rates.tick_value
             long_worst, short_worst = held + open_buy, open_sell - held  # neither below 0
             worst_margin += (long_worst if long_worst > short_worst else short_worst) * mark \
-                * initial_rates[sym]
-        if symbol not in exposure:  # the trader's first order in this symbol
-            worst_margin += added_qty * marks[symbol] * initial_rates[symbol]
+                * rates.initial
+        if not ordered_before:
+            worst_margin += added_qty * marks[symbol] * all_rates[symbol].initial
         required = worst_margin // 10_000
         if required - held_value > cash:  # more than the equity, cash + held_value
             return (RejectCode.RISK_INSUFFICIENT_MARGIN,
@@ -100,14 +115,14 @@ class MarginRiskManager:
         its positions: a one-tick move changes equity by at most the position's tick
         value and maintenance by ``maintenance_bps`` of that, plus 1 for rounding.
         """
+        # a trader that passes with positions is re-armed, which replaces its arming;
+        # every other outcome disarms it
         watch = self.watch
-        watch.disarm(trader_id)
-        if not self.enabled:
-            return False
-        account = self.ledger.accounts.get(trader_id)
+        account = self.ledger.accounts.get(trader_id) if self.enabled else None
         if account is None:
+            watch.disarm(trader_id)
             return False
-        tick_values, maintenance_rates = self.ledger.tick_values, self._maintenance_rates
+        all_rates = self._rates
         held_value = 0  # the positions valued at the marks
         maintenance = 0  # their notional times maintenance_bps
         held = 0
@@ -116,18 +131,22 @@ class MarginRiskManager:
             qty = position.qty
             if qty:
                 mark = marks[symbol]
+                rates = all_rates[symbol]
                 size = qty if qty > 0 else -qty
                 if qty > 0:
-                    held_value += size * mark * tick_values[symbol]
+                    held_value += size * mark * rates.tick_value
                 else:
-                    held_value -= size * mark * tick_values[symbol]
-                maintenance += size * mark * maintenance_rates[symbol]
+                    held_value -= size * mark * rates.tick_value
+                maintenance += size * mark * rates.maintenance
                 held += 1
         maintenance //= 10_000
         cash = account.cash
         if maintenance - held_value > cash:  # the slack, equity - maintenance, < 0
+            watch.disarm(trader_id)
             return True
-        if held:
+        if not held:
+            watch.disarm(trader_id)
+        else:
             excess = held_value - maintenance - 1  # slack - 1 is cash + excess
             budget = (cash + excess) * 10_000 if -excess < cash else 0
             divisor = held * (10_000 + self.maintenance_bps)
@@ -136,7 +155,7 @@ class MarginRiskManager:
                 qty = position.qty
                 if qty:
                     mark = marks[symbol]
-                    per_tick = (qty if qty > 0 else -qty) * tick_values[symbol]
+                    per_tick = (qty if qty > 0 else -qty) * all_rates[symbol].tick_value
                     reach = budget // (divisor * per_tick)
                     watch.add_band(symbol, trader_id, mark - reach, mark + reach, arming)
         return False

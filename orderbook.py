@@ -143,28 +143,42 @@ class MatchSink(Protocol):
 
 
 class BookSide:
-    """One side of the book: levels by price, best first via a heap of keys."""
+    """One side of the book: levels by price, best first via a heap of keys.
 
-    __slots__ = ("_heap", "_in_heap", "is_bid", "levels")
+    The best level is also kept at hand: while it has live orders nothing can be
+    better except a level created since, which replaces it. Once it empties, the next
+    ``best_price`` finds the new best through the heap."""
+
+    __slots__ = ("_best", "_heap", "_in_heap", "is_bid", "levels")
 
     def __init__(self, is_bid: bool) -> None:
         self.is_bid = is_bid
         self.levels: dict[int, PriceLevel] = {}
         self._heap: list[int] = []  # prices, negated for bids so heap[0] is the best
         self._in_heap: set[int] = set()
+        self._best: PriceLevel | None = None  # the best level, unless emptied since
 
     def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (self.is_bid,)
 
     def best_price(self) -> int | None:
+        best = self.best_level()
+        return None if best is None else best.price
+
+    def best_level(self) -> PriceLevel | None:
+        best = self._best
+        if best is not None and best.live_count:
+            return best
         heap, levels = self._heap, self.levels
         while heap:
             key = heap[0]
-            price = -key if self.is_bid else key
-            if price in levels:
-                return price
+            best = levels.get(-key if self.is_bid else key)
+            if best is not None:
+                self._best = best
+                return best
             heapq.heappop(heap)
             self._in_heap.discard(key)
+        self._best = None
         return None
 
     def level_for_insert(self, price: int) -> PriceLevel:
@@ -175,6 +189,10 @@ class BookSide:
             if key not in self._in_heap:
                 self._in_heap.add(key)
                 heapq.heappush(self._heap, key)
+            best = self._best
+            if best is not None and best.live_count and (
+                    price > best.price if self.is_bid else price < best.price):
+                self._best = level
         return level
 
     def prices_best_first(self) -> list[int]:
@@ -268,34 +286,40 @@ class OrderBook:
         self.resting_orders[order.order_id] = order
         return level.total_qty
 
-    def add_passive(self, order: Order) -> int | None:
+    def add_passive(self, order: Order) -> PriceLevel | None:
         """``would_cross`` and ``add`` in one step, for the most common order of all, a
-        limit order that does not trade on arrival: rest it and return the level's new
-        total, or return ``None`` and change nothing if it would trade."""
-        price = order.price
+        limit order that does not trade on arrival: rest it and return its level, or
+        return ``None`` and change nothing if it would trade.
+
+        Levels, not prices, are compared and returned: in the compiled build an int
+        that leaves a native variable becomes a new int object."""
+        price: int = order.price  # type: ignore[assignment]  # a limit order has one
         if order.is_buy:
-            best = self.asks.best_price()
-            if best is not None and price >= best:  # type: ignore[operator]
+            best = self.asks.best_level()
+            if best is not None and price >= best.price:
                 return None
             side = self.bids
         else:
-            best = self.bids.best_price()
-            if best is not None and price <= best:  # type: ignore[operator]
+            best = self.bids.best_level()
+            if best is not None and price <= best.price:
                 return None
             side = self.asks
-        level = side.levels.get(price) or side.level_for_insert(price)  # type: ignore[arg-type]
+        # the key as the order holds it, already an int object
+        level = side.levels.get(order.price) or side.level_for_insert(price)  # type: ignore[arg-type]
         level.orders.append(order)
         level.live_count += 1
         level.total_qty += order.leaves_qty
         self.resting_orders[order.order_id] = order
-        return level.total_qty
+        return level
 
-    def remove(self, order_id: int) -> tuple[Order, int, int] | None:
+    def remove(self, order_id: int) -> PriceLevel | None:
         """Take a resting order out of the book in O(1).
 
-        Returns ``(order, canceled_qty, level_qty)``, or ``None`` if the order is not
-        resting here. The order's ``leaves_qty`` becomes 0, which is what marks its
-        entry in the level's queue dead.
+        Returns the level it left (its ``total_qty`` is the level's new total, 0 if the
+        level is gone), or ``None`` if the order is not resting here. The order's
+        ``leaves_qty`` becomes 0, which is what marks its entry in the level's queue
+        dead: a caller that needs the canceled quantity reads it first. (A level rather
+        than a tuple of ints: the compiled build would box each int.)
         """
         order = self.resting_orders.pop(order_id, None)
         if order is None:
@@ -310,7 +334,7 @@ class OrderBook:
             del side.levels[order.price]  # type: ignore[arg-type]
         elif len(level.orders) - level.head > 2 * level.live_count + 16:
             level.compact()
-        return order, canceled, level.total_qty
+        return level
 
     def reduce(self, order: Order, new_leaves: int) -> int:
         """Lower a resting order's leaves in place, keeping its priority; returns the
@@ -421,6 +445,10 @@ class OrderBook:
                         f"{order} not indexed"
                     assert order.order_id not in seen, f"{order} rests twice"
                     seen.add(order.order_id)
+            best = book_side._best
+            if best is not None and best.live_count:
+                top = max(book_side.levels) if book_side.is_bid else min(book_side.levels)
+                assert best is book_side.levels[top], f"{side} best level is not {top}"
         assert seen == set(self.resting_orders), "resting_orders index disagrees with levels"
         bid, ask = self.best_bid(), self.best_ask()
         assert bid is None or ask is None or bid < ask, f"book crossed: {bid} >= {ask}"

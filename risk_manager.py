@@ -15,6 +15,7 @@ from models import RejectCode, TraderStatus
 
 if TYPE_CHECKING:
     from orderbook import Order
+    from positions import Account
 
 Reject = tuple[RejectCode, str]
 
@@ -48,7 +49,8 @@ class OpenQty:
 class TraderState:
     """What the engine tracks per trader besides accounting."""
 
-    __slots__ = ("exposure", "live_orders", "rate_tokens", "rate_ts", "status", "trader_id")
+    __slots__ = ("account", "exposure", "live_orders", "rate_tokens", "rate_ts", "status",
+                 "trader_id")
 
     def __init__(self, trader_id: str, burst: int) -> None:
         self.trader_id = trader_id
@@ -57,6 +59,9 @@ class TraderState:
         self.rate_tokens = burst * _TOKEN  # token bucket, in nano-messages
         self.rate_ts: int | None = None
         self.status = TraderStatus.OK
+        # the trader's ledger account once its first fill opened one: held here so the
+        # hot path does not look it up by trader id
+        self.account: Account | None = None
 
     def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (self.trader_id, 0)

@@ -143,24 +143,26 @@ def test_rest_only_a_non_crossing_order_when_adding_it_as_passive(
         rest(book, order(3, side, price, 2))
     before = book.state_hash()
     incoming = order(4, side, price, 5)
-    level_qty = book.add_passive(incoming)
+    level = book.add_passive(incoming)
     book.validate()
     if rests:
         # at the back of its level, behind order 3
-        assert level_qty == 7 == book.level_qty(side, price)
+        assert level is not None and level.total_qty == 7 == book.level_qty(side, price)
         assert book.resting_orders[4] is incoming
         assert [entry for entry in l3(book, side) if entry[0] == price] == [
             (price, 3, 2), (price, 4, 5)]
     else:
         # would trade on arrival: the caller matches it, so nothing may have changed
-        assert level_qty is None and book.state_hash() == before
+        assert level is None and book.state_hash() == before
         assert incoming.leaves_qty == 5 and 4 not in book.resting_orders
 
 
 def test_rest_on_either_side_when_adding_passive_to_an_empty_book(book: OrderBook) -> None:
-    assert book.add_passive(order(1, BUY, 10_000, 3)) == 3
+    bid = book.add_passive(order(1, BUY, 10_000, 3))
+    assert bid is not None and (bid.price, bid.total_qty) == (10_000, 3)
     assert book.add_passive(order(2, SELL, 9_000, 2)) is None  # crosses the new bid
-    assert book.add_passive(order(3, SELL, 10_001, 2)) == 2
+    ask = book.add_passive(order(3, SELL, 10_001, 2))
+    assert ask is not None and (ask.price, ask.total_qty) == (10_001, 2)
     book.validate()
     assert (book.best_bid(), book.best_ask()) == (10_000, 10_001)
 
@@ -171,8 +173,8 @@ def test_rest_on_either_side_when_adding_passive_to_an_empty_book(book: OrderBoo
 def test_adjust_the_level_at_once_when_an_order_is_removed(book: OrderBook) -> None:
     first, middle, last = rest(book, order(1, SELL, 10_010, 2), order(2, SELL, 10_010, 5),
                                order(3, SELL, 10_010, 4))
-    removed = book.remove(2)
-    assert removed == (middle, 5, 6)
+    level = book.remove(2)
+    assert level is book.asks.levels[10_010] and level.total_qty == 6
     assert middle.leaves_qty == 0  # what marks its queue entry dead
     assert book.level_qty(SELL, 10_010) == 6
     assert book.depth(SELL) == [(10_010, 6)]
@@ -206,9 +208,24 @@ def test_move_the_best_price_when_the_best_level_is_emptied_by_cancels(
     rest(book, order(1, BUY, 10_000, 1), order(2, BUY, 10_000, 1), order(3, BUY, 9_990, 1))
     book.remove(2)
     assert book.best_bid() == 10_000
-    book.remove(1)
+    emptied = book.remove(1)
+    assert emptied is not None and emptied.total_qty == 0  # the level is gone
     assert book.best_bid() == 9_990
     assert book.depth(BUY) == [(9_990, 1)]
+    book.validate()
+
+
+def test_move_the_best_price_when_a_better_level_arrives_and_when_it_empties(
+        book: OrderBook) -> None:
+    rest(book, order(1, BUY, 9_990, 1), order(2, SELL, 10_020, 1))
+    assert (book.best_bid(), book.best_ask()) == (9_990, 10_020)
+    rest(book, order(3, BUY, 10_000, 1), order(4, SELL, 10_010, 1),
+         order(5, BUY, 9_980, 1), order(6, SELL, 10_030, 1))
+    assert (book.best_bid(), book.best_ask()) == (10_000, 10_010)
+    book.validate()
+    book.remove(3)
+    book.match(order(7, BUY, 10_010, 1, trader="taker"), 10_010, RecordingSink())
+    assert (book.best_bid(), book.best_ask()) == (9_990, 10_020)
     book.validate()
 
 
@@ -413,6 +430,8 @@ CORRUPTIONS: dict[str, Callable[[OrderBook], None]] = {
     "misfiled price": lambda b: setattr(b.resting_orders[3], "price", 10_011),
     "empty level kept": lambda b: b.bids.level_for_insert(9_000),
     "crossed book": lambda b: b.add(order(9, BUY, 10_020, 1)),
+    "stale best level": lambda b: (b.add(order(8, BUY, 9_990, 1)),
+                                   setattr(b.bids, "_best", b.bids.levels[9_990])),
 }
 
 
