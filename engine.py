@@ -48,7 +48,7 @@ from models import (
     TraderStatus,
     TraderStatusChanged,
 )
-from orderbook import Order, OrderBook
+from orderbook import MatchSink, Order, OrderBook
 from positions import Account, Ledger, PositionReport
 from risk_manager import Reject, RiskManager, TraderState, band_limit, check_price_band
 
@@ -136,8 +136,9 @@ class Market:
         return (InstrumentConfig(symbol=self.symbol), 0, 0)
 
 
-class Engine:
-    """All instruments, all traders; one command at a time."""
+class Engine(MatchSink):
+    """All instruments, all traders; one command at a time. The books report their
+    fills to it as their ``MatchSink``."""
 
     def __init__(self, config: ExchangeConfig | None = None) -> None:
         self.config = config = config or ExchangeConfig()

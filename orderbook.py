@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 from collections.abc import Iterator
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from mypy_extensions import mypyc_attr
 
@@ -130,16 +130,25 @@ class PriceLevel:
         self.head = 0
 
 
-class MatchSink(Protocol):
+@mypyc_attr(allow_interpreted_subclasses=True)
+class MatchSink:
     """What the book tells its owner while matching. ``level_qty`` is the maker's level
-    total after the change (0: the level is gone)."""
+    total after the change (0: the level is gone).
+
+    A base class to subclass, not a Protocol: in the compiled build (native_core.py) the
+    book then calls a compiled sink (the engine) directly, with native ints, where a
+    Protocol's method is looked up by name and called through its Python wrapper. An
+    interpreted subclass (a test's, the benchmark's) still works, through the wrapper."""
 
     def on_fill(self, maker: Order, taker: Order, price: int, qty: int,
-                level_qty: int) -> None: ...
+                level_qty: int) -> None:
+        raise NotImplementedError
 
-    def on_self_trade_cancel(self, maker: Order, canceled_qty: int, level_qty: int) -> None: ...
+    def on_self_trade_cancel(self, maker: Order, canceled_qty: int, level_qty: int) -> None:
+        raise NotImplementedError
 
-    def on_decrement(self, maker: Order, taker: Order, qty: int, level_qty: int) -> None: ...
+    def on_decrement(self, maker: Order, taker: Order, qty: int, level_qty: int) -> None:
+        raise NotImplementedError
 
 
 class BookSide:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from models import OrderType, Side, StpMode, TimeInForce
-from orderbook import Order, OrderBook
+from orderbook import MatchSink, Order, OrderBook
 
 BOOK_IMPLEMENTATIONS: list[type[OrderBook]] = [OrderBook]
 
@@ -29,7 +29,7 @@ def book(book_cls: type[OrderBook]) -> OrderBook:
     return book_cls("SIM")
 
 
-class RecordingSink:
+class RecordingSink(MatchSink):
     """Records what the book tells its owner while matching, in order."""
 
     def __init__(self) -> None:
