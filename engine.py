@@ -115,7 +115,7 @@ class Market:
     instead of one per item."""
 
     __slots__ = ("band_bps", "band_centre", "book", "is_open", "maker_rate",
-                 "reference_price", "stops", "symbol", "taker_rate")
+                 "reference_price", "stops", "symbol", "taker_rate", "tick_value")
 
     def __init__(self, instrument: InstrumentConfig, maker_ppm: int, taker_ppm: int) -> None:
         self.symbol = symbol = instrument.symbol
@@ -128,7 +128,7 @@ class Market:
         self.band_centre = instrument.reference_price
         # money units per tick x lot x 1e6 of fee: price * qty * rate stays in machine
         # ints under mypyc where price * qty * tick_value * ppm would not
-        tick_value = instrument.tick_value
+        self.tick_value = tick_value = instrument.tick_value  # money units per tick x lot
         self.maker_rate = tick_value * maker_ppm
         self.taker_rate = tick_value * taker_ppm
 
@@ -445,8 +445,9 @@ class Engine(MatchSink):
                             seller.leaves_qty, buy_fee, sell_fee, taker.liquidation))
         events.append(BookChanged(symbol, _EXECUTE, maker.order_id, maker.side,
                                   price, maker.leaves_qty, level_qty))
-        self._book_fill(buyer, True, price, qty, buy_fee)
-        self._book_fill(seller, False, price, qty, sell_fee)
+        tick_value = market.tick_value
+        self._book_fill(buyer, True, price, qty, buy_fee, tick_value)
+        self._book_fill(seller, False, price, qty, sell_fee, tick_value)
         if not maker.leaves_qty:
             del self.orders[maker.order_id]
             del self.traders[maker.trader_id].live_orders[maker.client_order_id]
@@ -464,7 +465,8 @@ class Engine(MatchSink):
         elif price > printed[1]:
             printed[1] = price
 
-    def _book_fill(self, order: Order, is_buy: bool, price: int, qty: int, fee: int) -> None:
+    def _book_fill(self, order: Order, is_buy: bool, price: int, qty: int, fee: int,
+                   tick_value: int) -> None:
         """One side of a fill: the ledger, the trader's open quantity, the position report,
         and a margin re-check due for the trader."""
         trader_id = order.trader_id
@@ -472,7 +474,7 @@ class Engine(MatchSink):
         self._margin_dirty[trader_id] = None
         trader = self.traders[trader_id]
         account = trader.account or self._open_account(trader)
-        position = self.ledger.book_fill(account, symbol, is_buy, price, qty, fee)
+        position = self.ledger.book_fill(account, symbol, tick_value, is_buy, price, qty, fee)
         trader.exposure[symbol].add(is_buy, -qty)
         self._events.append(PositionChanged(self._ts, trader_id, symbol, position.qty,
                                             position.open_cost, account.cash,
@@ -716,7 +718,7 @@ class Engine(MatchSink):
             trader = traders[trader_id]
             if trader.status is _LIQUIDATING:
                 self._flatten(trader)
-            elif margin.in_breach(trader_id, marks):
+            elif margin.in_breach(trader, marks):
                 self._liquidate(trader)
 
     def _liquidate(self, trader: TraderState) -> None:

@@ -108,7 +108,7 @@ class MarginRiskManager:
                        for symbol, p in account.positions.items() if p.qty)
         return notional * self.initial_bps // 10_000
 
-    def in_breach(self, trader_id: str, marks: dict[str, int]) -> bool:
+    def in_breach(self, trader: TraderState, marks: dict[str, int]) -> bool:
         """Equity below maintenance margin: the trader must be liquidated.
 
         A trader that passes is armed in ``watch`` with bands that split its slack over
@@ -118,7 +118,8 @@ class MarginRiskManager:
         # a trader that passes with positions is re-armed, which replaces its arming;
         # every other outcome disarms it
         watch = self.watch
-        account = self.ledger.accounts.get(trader_id) if self.enabled else None
+        trader_id = trader.trader_id
+        account = trader.account if self.enabled else None  # its ledger account
         if account is None:
             watch.disarm(trader_id)
             return False
