@@ -141,15 +141,17 @@ class MarginRiskManager:
                 maintenance += size * mark * rates.maintenance
                 held += 1
         maintenance //= 10_000
-        cash = account.cash
-        if maintenance - held_value > cash:  # the slack, equity - maintenance, < 0
+        # the slack (equity - maintenance) less 1: the cash, a bignum at realistic
+        # scales, meets the machine-int sums in this one addition, and the tests below
+        # compare with -1 and 0, small ints that need no new object in the compiled build
+        spare = account.cash + (held_value - maintenance - 1)
+        if spare < -1:  # the slack is negative
             watch.disarm(trader_id)
             return True
         if not held:
             watch.disarm(trader_id)
         else:
-            excess = held_value - maintenance - 1  # slack - 1 is cash + excess
-            budget = (cash + excess) * 10_000 if -excess < cash else 0
+            budget = spare * 10_000 if spare > 0 else 0
             divisor = held * (10_000 + self.maintenance_bps)
             arming = watch.begin_arming(trader_id)
             for symbol, position in positions.items():
