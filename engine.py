@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-from collections import deque
+from collections import ChainMap, deque
 from typing import Any, Final
 
 from config import ExchangeConfig, InstrumentConfig
@@ -117,9 +117,10 @@ class Market:
     __slots__ = ("band_bps", "band_centre", "book", "is_open", "maker_rate",
                  "reference_price", "stops", "symbol", "taker_rate", "tick_value")
 
-    def __init__(self, instrument: InstrumentConfig, maker_ppm: int, taker_ppm: int) -> None:
+    def __init__(self, instrument: InstrumentConfig, maker_ppm: int, taker_ppm: int,
+                 resting_orders: dict[int, Order]) -> None:
         self.symbol = symbol = instrument.symbol
-        self.book = OrderBook(symbol)
+        self.book = OrderBook(symbol, resting_orders)  # the index every book shares
         self.stops = StopBook()
         self.is_open = True
         self.band_bps = instrument.band_bps
@@ -133,7 +134,7 @@ class Market:
         self.taker_rate = tick_value * taker_ppm
 
     def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
-        return (InstrumentConfig(symbol=self.symbol), 0, 0)
+        return (InstrumentConfig(symbol=self.symbol), 0, 0, {})
 
 
 class Engine(MatchSink):
@@ -145,7 +146,12 @@ class Engine(MatchSink):
         self.symbols = [instrument.symbol for instrument in config.instruments]
         self.maker_ppm = config.fees.maker_ppm
         self.taker_ppm = config.fees.taker_ppm
-        self.markets = {i.symbol: Market(i, self.maker_ppm, self.taker_ppm)
+        # every live order is either resting, indexed by id in the one dict all the books
+        # share, or a stop waiting outside the book (and for both, in its trader's
+        # live_orders): one index per order, not one more in the engine
+        self.resting_orders: dict[int, Order] = {}
+        self.stop_orders: dict[int, Order] = {}  # waiting or triggered but not yet run
+        self.markets = {i.symbol: Market(i, self.maker_ppm, self.taker_ppm, self.resting_orders)
                         for i in config.instruments}
         # views by symbol for readers outside the hot path (the same objects)
         self.books = {symbol: market.book for symbol, market in self.markets.items()}
@@ -156,7 +162,6 @@ class Engine(MatchSink):
         self.risk = RiskManager(config.risk)
         self.margin = MarginRiskManager(config.margin, self.ledger)
         self.traders: dict[str, TraderState] = {}
-        self.orders: dict[int, Order] = {}  # every live order: resting or waiting stop
         self.next_order_id = 1
         self.next_trade_id = 1
         self._events: list[Any] = []
@@ -199,6 +204,11 @@ class Engine(MatchSink):
         return events
 
     # ================================================================= queries
+
+    @property
+    def orders(self) -> ChainMap[int, Order]:
+        """Every live order by id, resting or a waiting stop (a read-only view)."""
+        return ChainMap(self.resting_orders, self.stop_orders)
 
     def trader(self, trader_id: str) -> TraderState:
         trader = self.traders.get(trader_id)
@@ -278,7 +288,12 @@ class Engine(MatchSink):
             live_ids.update(book.resting_orders)
             stops = self.stop_books[symbol].live_orders()
             live_ids.update(order.order_id for order in stops)
-        assert live_ids == set(self.orders), "engine order index disagrees with the books"
+        assert self.resting_orders.keys() | self.stop_orders.keys() == live_ids, \
+            "engine order indexes disagree with the books"
+        assert not self.resting_orders.keys() & self.stop_orders.keys()
+        assert all(self.stop_orders.get(order.order_id) is order
+                   for stops in self.stop_books.values()
+                   for order in stops.live_orders()), "a stop is not indexed"
         for trader_id, trader in self.traders.items():
             assert trader.account is self.ledger.accounts.get(trader_id), \
                 f"{trader_id}'s account is not its ledger account"
@@ -292,7 +307,8 @@ class Engine(MatchSink):
                 buy, sell = open_qty.buy, open_qty.sell
                 assert [buy, sell] == exposure.get(symbol, [0, 0]), \
                     f"{trader_id} {symbol} exposure {[buy, sell]} != open orders {exposure}"
-        assert sum(len(t.live_orders) for t in self.traders.values()) == len(self.orders)
+        assert sum(len(t.live_orders) for t in self.traders.values()) == \
+            len(self.resting_orders) + len(self.stop_orders)
 
     def state_tuple(self) -> tuple:
         traders = tuple(
@@ -337,6 +353,7 @@ class Engine(MatchSink):
         if stop_price is not None:
             # waits for a trade printed after it arrived, even if the last one was through
             market.stops.add(order)
+            self.stop_orders[order_id] = order
             return
         book = market.book
         if order_type is _LIMIT and tif is _GTC:
@@ -386,7 +403,8 @@ class Engine(MatchSink):
         return position.qty if position else 0
 
     def _accept(self, order: Order, trader: TraderState) -> None:
-        self.orders[order.order_id] = order
+        """A new order is live: the trader's, with its open quantity counted. The book
+        indexes it if it rests, the engine if it is a stop."""
         trader.live_orders[order.client_order_id] = order
         symbol = order.symbol
         exposure = trader.exposure.get(symbol) or trader.open_qty(symbol)
@@ -448,8 +466,7 @@ class Engine(MatchSink):
         tick_value = market.tick_value
         self._book_fill(buyer, True, price, qty, buy_fee, tick_value)
         self._book_fill(seller, False, price, qty, sell_fee, tick_value)
-        if not maker.leaves_qty:
-            del self.orders[maker.order_id]
+        if not maker.leaves_qty:  # the book has taken it out of its index
             del self.traders[maker.trader_id].live_orders[maker.client_order_id]
         last_prices = self.last_prices
         if not self._all_traded and last_prices[symbol] is None:
@@ -516,7 +533,7 @@ class Engine(MatchSink):
                   client_order_id: str | None) -> Order | None:
         """The trader's live order by either id; another trader's looks unknown."""
         if order_id is not None:
-            order = self.orders.get(order_id)
+            order = self.resting_orders.get(order_id) or self.stop_orders.get(order_id)
             if order is None or order.trader_id != trader_id or (
                     client_order_id is not None and order.client_order_id != client_order_id):
                 return None
@@ -547,6 +564,7 @@ class Engine(MatchSink):
         canceled = order.leaves_qty
         level = self.books[order.symbol].remove(order.order_id)
         if level is None:  # a stop waiting outside the book
+            del self.stop_orders[order.order_id]
             self._cancel_unrested(order, reason)
         else:
             self._report_cancel(order, canceled, reason, level.total_qty)
@@ -563,11 +581,12 @@ class Engine(MatchSink):
                                           canceled_qty, reason))
         self._events.append(BookChanged(symbol, _CANCEL, order_id, side, order.price, 0,  # type: ignore[arg-type]
                                         level_qty))
-        del self.orders[order_id]
         del trader.live_orders[order.client_order_id]
 
     def _cancel_unrested(self, order: Order, reason: CancelReason) -> None:
-        """Cancel the remainder of an order that is not in the book."""
+        """Cancel the remainder of an order that is in no index but its trader's: an
+        incoming order that trades no further, or a stop already taken out of
+        ``stop_orders``."""
         canceled = order.leaves_qty
         order.leaves_qty = 0
         trader = self.traders[order.trader_id]
@@ -578,7 +597,7 @@ class Engine(MatchSink):
         self._forget(order)
 
     def _forget(self, order: Order) -> None:
-        del self.orders[order.order_id]
+        """An order that is in no index but its trader's is no longer live."""
         del self.traders[order.trader_id].live_orders[order.client_order_id]
 
     # ================================================================= amends
@@ -610,7 +629,6 @@ class Engine(MatchSink):
         else:
             level_qty = book.remove(order.order_id).total_qty  # type: ignore[union-attr]
             requeued = order.requeued(new_price, new_qty, new_leaves, self._ts)
-            self.orders[order.order_id] = requeued
             trader.live_orders[order.client_order_id] = requeued
             self._report_amend(requeued, False)
             self._events.append(BookChanged(order.symbol, BookAction.CANCEL, order.order_id,
@@ -692,6 +710,7 @@ class Engine(MatchSink):
     def _run_triggered(self, order: Order) -> None:
         if not order.leaves_qty:
             return  # canceled while queued behind another trigger
+        del self.stop_orders[order.order_id]  # from here on, an incoming order
         self._events.append(OrderTriggered(self._ts, order.order_id, order.trader_id,
                                            order.client_order_id, order.symbol))
         market = self.markets[order.symbol]

@@ -219,13 +219,17 @@ class BookSide:
 
 
 class OrderBook:
-    """The resting orders of one symbol, and the matching of incoming orders against them."""
+    """The resting orders of one symbol, and the matching of incoming orders against them.
 
-    def __init__(self, symbol: str) -> None:
+    ``resting_orders`` indexes them by id. Books may share one index (the engine's do,
+    so that it finds any resting order by id alone); a book then holds other symbols'
+    orders in it too, and ``remove`` must only be given ids of its own orders."""
+
+    def __init__(self, symbol: str, resting_orders: dict[int, Order] | None = None) -> None:
         self.symbol = symbol
         self.bids = BookSide(is_bid=True)
         self.asks = BookSide(is_bid=False)
-        self.resting_orders: dict[int, Order] = {}
+        self.resting_orders: dict[int, Order] = {} if resting_orders is None else resting_orders
 
     # ----------------------------------------------------------------- queries
 
@@ -458,7 +462,9 @@ class OrderBook:
             if best is not None and best.live_count:
                 top = max(book_side.levels) if book_side.is_bid else min(book_side.levels)
                 assert best is book_side.levels[top], f"{side} best level is not {top}"
-        assert seen == set(self.resting_orders), "resting_orders index disagrees with levels"
+        indexed = {order_id for order_id, order in self.resting_orders.items()
+                   if order.symbol == self.symbol}  # the index may be shared
+        assert seen == indexed, "resting_orders index disagrees with levels"
         bid, ask = self.best_bid(), self.best_ask()
         assert bid is None or ask is None or bid < ask, f"book crossed: {bid} >= {ask}"
 
