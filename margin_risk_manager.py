@@ -22,6 +22,20 @@ from models import RejectCode
 from positions import Account, Ledger, Position
 from risk_manager import Reject, TraderState
 
+# A machine int in the compiled build is below 2**62; a cash balance at realistic scales
+# (1e12 currency is 1e20 units) is not, and so exceeds any such amount
+_MACHINE_INT_MAX: Final = (1 << 62) - 1
+_BEYOND_MACHINE_INTS: Final = 1 << 62
+
+
+def exceeds(amount: int, cash: int) -> bool:
+    """``amount > cash``. Compared as is, a machine-int amount and a bignum cash make
+    the compiled build box the amount into a new int object first; comparing the cash
+    with a constant instead decides the common case without one."""
+    if amount <= _MACHINE_INT_MAX and cash >= _BEYOND_MACHINE_INTS:
+        return False
+    return amount > cash
+
 
 class SymbolRates:
     """One symbol's factors in the margin sums, found with one lookup: money units per
@@ -94,7 +108,7 @@ class MarginRiskManager:
         if not ordered_before:
             worst_margin += added_qty * marks[symbol] * all_rates[symbol].initial
         required = worst_margin // 10_000
-        if required - held_value > cash:  # more than the equity, cash + held_value
+        if exceeds(required - held_value, cash):  # more than the equity, cash + held_value
             return (RejectCode.RISK_INSUFFICIENT_MARGIN,
                     f"initial margin {required / MONEY_SCALE:.2f} would exceed equity "
                     f"{(cash + held_value) / MONEY_SCALE:.2f}")
