@@ -50,7 +50,14 @@ from models import (
 )
 from orderbook import MatchSink, Order, OrderBook
 from positions import Account, Ledger, PositionReport
-from risk_manager import Reject, RiskManager, TraderState, band_limit, check_price_band
+from risk_manager import (
+    OpenQty,
+    Reject,
+    RiskManager,
+    TraderState,
+    band_limit,
+    check_price_band,
+)
 
 _BUY: Final = 0  # indexes into the [buy, sell] lists validate() builds
 _SELL: Final = 1
@@ -337,8 +344,9 @@ class Engine(MatchSink):
             cmd.trader_id, cmd.symbol, cmd.side, cmd.order_type, cmd.qty, cmd.price, cmd.tif)
         trader = self.traders.get(trader_id) or self.trader(trader_id)
         market = self.markets.get(symbol)
-        reject = self._check_new_order(cmd, trader, market, side is _BUY_SIDE, order_type, qty,
-                                       price)
+        exposure = trader.exposure.get(symbol)  # for the checks and the count, found once
+        reject = self._check_new_order(cmd, trader, market, exposure, side is _BUY_SIDE,
+                                       order_type, qty, price)
         if reject is not None:
             self._events.append(OrderRejected(self._ts, trader_id, cmd.client_order_id,
                                               reject[0], reject[1]))
@@ -348,7 +356,7 @@ class Engine(MatchSink):
         stop_price = cmd.stop_price
         order = Order(order_id, trader_id, cmd.client_order_id, symbol, side, order_type, price,
                       qty, tif, cmd.post_only, cmd.stp, stop_price, self._ts)
-        self._accept(order, trader)
+        self._accept(order, trader, exposure)
         assert market is not None  # checked
         if stop_price is not None:
             # waits for a trade printed after it arrived, even if the last one was through
@@ -366,8 +374,8 @@ class Engine(MatchSink):
         self._execute(order, book)
 
     def _check_new_order(self, cmd: NewOrder, trader: TraderState, market: Market | None,
-                         is_buy: bool, order_type: OrderType, qty: int,
-                         price: int | None) -> Reject | None:
+                         exposure: OpenQty | None, is_buy: bool, order_type: OrderType,
+                         qty: int, price: int | None) -> Reject | None:
         symbol = cmd.symbol
         if market is None:
             return RejectCode.UNKNOWN_SYMBOL, f"unknown symbol {symbol!r}"
@@ -381,7 +389,7 @@ class Engine(MatchSink):
         account = trader.account  # serves the position limit and the margin check
         position = account.positions.get(symbol) if account is not None else None
         reject = self.risk.check_new_order(
-            trader, self._ts, symbol, is_buy, qty, position.qty if position else 0,
+            trader, self._ts, symbol, exposure, is_buy, qty, position.qty if position else 0,
             price if order_type is _LIMIT else None, market.band_centre, market.band_bps)
         if reject is not None:
             return reject
@@ -402,12 +410,14 @@ class Engine(MatchSink):
         position = account.positions.get(symbol)
         return position.qty if position else 0
 
-    def _accept(self, order: Order, trader: TraderState) -> None:
-        """A new order is live: the trader's, with its open quantity counted. The book
-        indexes it if it rests, the engine if it is a stop."""
+    def _accept(self, order: Order, trader: TraderState, exposure: OpenQty | None) -> None:
+        """A new order is live: the trader's, with its open quantity counted (in
+        ``exposure``, the trader's in the symbol, ``None`` if it has no entry yet). The
+        book indexes the order if it rests, the engine if it is a stop."""
         trader.live_orders[order.client_order_id] = order
         symbol = order.symbol
-        exposure = trader.exposure.get(symbol) or trader.open_qty(symbol)
+        if exposure is None:
+            exposure = trader.open_qty(symbol)
         exposure.add(order.is_buy, order.qty)
         self._events.append(OrderAccepted(
             self._ts, order.order_id, order.trader_id, order.client_order_id, symbol,
@@ -761,7 +771,7 @@ class Engine(MatchSink):
                           abs(held), TimeInForce.IOC, False, StpMode.CANCEL_RESTING, None,
                           self._ts, liquidation=True)
             self.next_order_id += 1
-            self._accept(order, trader)
+            self._accept(order, trader, trader.exposure.get(symbol))
             self._execute(order, self.books[symbol])
         if not any(p.qty for p in account.positions.values()):
             self._liquidating.pop(trader.trader_id, None)

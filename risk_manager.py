@@ -151,18 +151,20 @@ class RiskManager:
                     f"(max_position {self.max_position})")
         return None
 
-    def check_new_order(self, trader: TraderState, ts: int, symbol: str, is_buy: bool,
-                        qty: int, position: int, limit_price: int | None, reference: int,
+    def check_new_order(self, trader: TraderState, ts: int, symbol: str,
+                        exposure: OpenQty | None, is_buy: bool, qty: int, position: int,
+                        limit_price: int | None, reference: int,
                         band_bps: int) -> Reject | None:
         """Every pre-trade check of a new order, in order: message rate, size, open
         orders, worst-case position, and the price band (for a limit price).
+        ``exposure`` is the trader's open quantity in ``symbol`` (``None``: no entry),
+        which the caller has already looked up.
 
         Every order passes through here, so the limits are tested inline; only a
         failing order calls the functions that name the problem (the amend path's)."""
         reject = self.take_rate_token(trader, ts)
         if reject is not None:
             return reject
-        exposure = trader.exposure.get(symbol)
         if exposure is None:
             worst = position + qty if is_buy else position - qty
         else:
