@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-from collections import deque
+from collections import ChainMap, deque
 from typing import Any, Final
 
 from config import ExchangeConfig, InstrumentConfig
@@ -48,9 +48,16 @@ from models import (
     TraderStatus,
     TraderStatusChanged,
 )
-from orderbook import Order, OrderBook
+from orderbook import MatchSink, Order, OrderBook
 from positions import Account, Ledger, PositionReport
-from risk_manager import Reject, RiskManager, TraderState, band_limit, check_price_band
+from risk_manager import (
+    OpenQty,
+    Reject,
+    RiskManager,
+    TraderState,
+    band_limit,
+    check_price_band,
+)
 
 _BUY: Final = 0  # indexes into the [buy, sell] lists validate() builds
 _SELL: Final = 1
@@ -115,11 +122,12 @@ class Market:
     instead of one per item."""
 
     __slots__ = ("band_bps", "band_centre", "book", "is_open", "maker_rate",
-                 "reference_price", "stops", "symbol", "taker_rate")
+                 "reference_price", "stops", "symbol", "taker_rate", "tick_value")
 
-    def __init__(self, instrument: InstrumentConfig, maker_ppm: int, taker_ppm: int) -> None:
+    def __init__(self, instrument: InstrumentConfig, maker_ppm: int, taker_ppm: int,
+                 resting_orders: dict[int, Order]) -> None:
         self.symbol = symbol = instrument.symbol
-        self.book = OrderBook(symbol)
+        self.book = OrderBook(symbol, resting_orders)  # the index every book shares
         self.stops = StopBook()
         self.is_open = True
         self.band_bps = instrument.band_bps
@@ -128,23 +136,29 @@ class Market:
         self.band_centre = instrument.reference_price
         # money units per tick x lot x 1e6 of fee: price * qty * rate stays in machine
         # ints under mypyc where price * qty * tick_value * ppm would not
-        tick_value = instrument.tick_value
+        self.tick_value = tick_value = instrument.tick_value  # money units per tick x lot
         self.maker_rate = tick_value * maker_ppm
         self.taker_rate = tick_value * taker_ppm
 
     def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
-        return (InstrumentConfig(symbol=self.symbol), 0, 0)
+        return (InstrumentConfig(symbol=self.symbol), 0, 0, {})
 
 
-class Engine:
-    """All instruments, all traders; one command at a time."""
+class Engine(MatchSink):
+    """All instruments, all traders; one command at a time. The books report their
+    fills to it as their ``MatchSink``."""
 
     def __init__(self, config: ExchangeConfig | None = None) -> None:
         self.config = config = config or ExchangeConfig()
         self.symbols = [instrument.symbol for instrument in config.instruments]
         self.maker_ppm = config.fees.maker_ppm
         self.taker_ppm = config.fees.taker_ppm
-        self.markets = {i.symbol: Market(i, self.maker_ppm, self.taker_ppm)
+        # every live order is either resting, indexed by id in the one dict all the books
+        # share, or a stop waiting outside the book (and for both, in its trader's
+        # live_orders): one index per order, not one more in the engine
+        self.resting_orders: dict[int, Order] = {}
+        self.stop_orders: dict[int, Order] = {}  # waiting or triggered but not yet run
+        self.markets = {i.symbol: Market(i, self.maker_ppm, self.taker_ppm, self.resting_orders)
                         for i in config.instruments}
         # views by symbol for readers outside the hot path (the same objects)
         self.books = {symbol: market.book for symbol, market in self.markets.items()}
@@ -155,7 +169,6 @@ class Engine:
         self.risk = RiskManager(config.risk)
         self.margin = MarginRiskManager(config.margin, self.ledger)
         self.traders: dict[str, TraderState] = {}
-        self.orders: dict[int, Order] = {}  # every live order: resting or waiting stop
         self.next_order_id = 1
         self.next_trade_id = 1
         self._events: list[Any] = []
@@ -198,6 +211,11 @@ class Engine:
         return events
 
     # ================================================================= queries
+
+    @property
+    def orders(self) -> ChainMap[int, Order]:
+        """Every live order by id, resting or a waiting stop (a read-only view)."""
+        return ChainMap(self.resting_orders, self.stop_orders)
 
     def trader(self, trader_id: str) -> TraderState:
         trader = self.traders.get(trader_id)
@@ -277,7 +295,12 @@ class Engine:
             live_ids.update(book.resting_orders)
             stops = self.stop_books[symbol].live_orders()
             live_ids.update(order.order_id for order in stops)
-        assert live_ids == set(self.orders), "engine order index disagrees with the books"
+        assert self.resting_orders.keys() | self.stop_orders.keys() == live_ids, \
+            "engine order indexes disagree with the books"
+        assert not self.resting_orders.keys() & self.stop_orders.keys()
+        assert all(self.stop_orders.get(order.order_id) is order
+                   for stops in self.stop_books.values()
+                   for order in stops.live_orders()), "a stop is not indexed"
         for trader_id, trader in self.traders.items():
             assert trader.account is self.ledger.accounts.get(trader_id), \
                 f"{trader_id}'s account is not its ledger account"
@@ -291,7 +314,8 @@ class Engine:
                 buy, sell = open_qty.buy, open_qty.sell
                 assert [buy, sell] == exposure.get(symbol, [0, 0]), \
                     f"{trader_id} {symbol} exposure {[buy, sell]} != open orders {exposure}"
-        assert sum(len(t.live_orders) for t in self.traders.values()) == len(self.orders)
+        assert sum(len(t.live_orders) for t in self.traders.values()) == \
+            len(self.resting_orders) + len(self.stop_orders)
 
     def state_tuple(self) -> tuple:
         traders = tuple(
@@ -320,8 +344,9 @@ class Engine:
             cmd.trader_id, cmd.symbol, cmd.side, cmd.order_type, cmd.qty, cmd.price, cmd.tif)
         trader = self.traders.get(trader_id) or self.trader(trader_id)
         market = self.markets.get(symbol)
-        reject = self._check_new_order(cmd, trader, market, side is _BUY_SIDE, order_type, qty,
-                                       price)
+        exposure = trader.exposure.get(symbol)  # for the checks and the count, found once
+        reject = self._check_new_order(cmd, trader, market, exposure, side is _BUY_SIDE,
+                                       order_type, qty, price)
         if reject is not None:
             self._events.append(OrderRejected(self._ts, trader_id, cmd.client_order_id,
                                               reject[0], reject[1]))
@@ -331,11 +356,12 @@ class Engine:
         stop_price = cmd.stop_price
         order = Order(order_id, trader_id, cmd.client_order_id, symbol, side, order_type, price,
                       qty, tif, cmd.post_only, cmd.stp, stop_price, self._ts)
-        self._accept(order, trader)
+        self._accept(order, trader, exposure)
         assert market is not None  # checked
         if stop_price is not None:
             # waits for a trade printed after it arrived, even if the last one was through
             market.stops.add(order)
+            self.stop_orders[order_id] = order
             return
         book = market.book
         if order_type is _LIMIT and tif is _GTC:
@@ -348,8 +374,8 @@ class Engine:
         self._execute(order, book)
 
     def _check_new_order(self, cmd: NewOrder, trader: TraderState, market: Market | None,
-                         is_buy: bool, order_type: OrderType, qty: int,
-                         price: int | None) -> Reject | None:
+                         exposure: OpenQty | None, is_buy: bool, order_type: OrderType,
+                         qty: int, price: int | None) -> Reject | None:
         symbol = cmd.symbol
         if market is None:
             return RejectCode.UNKNOWN_SYMBOL, f"unknown symbol {symbol!r}"
@@ -363,7 +389,7 @@ class Engine:
         account = trader.account  # serves the position limit and the margin check
         position = account.positions.get(symbol) if account is not None else None
         reject = self.risk.check_new_order(
-            trader, self._ts, symbol, is_buy, qty, position.qty if position else 0,
+            trader, self._ts, symbol, exposure, is_buy, qty, position.qty if position else 0,
             price if order_type is _LIMIT else None, market.band_centre, market.band_bps)
         if reject is not None:
             return reject
@@ -384,11 +410,14 @@ class Engine:
         position = account.positions.get(symbol)
         return position.qty if position else 0
 
-    def _accept(self, order: Order, trader: TraderState) -> None:
-        self.orders[order.order_id] = order
+    def _accept(self, order: Order, trader: TraderState, exposure: OpenQty | None) -> None:
+        """A new order is live: the trader's, with its open quantity counted (in
+        ``exposure``, the trader's in the symbol, ``None`` if it has no entry yet). The
+        book indexes the order if it rests, the engine if it is a stop."""
         trader.live_orders[order.client_order_id] = order
         symbol = order.symbol
-        exposure = trader.exposure.get(symbol) or trader.open_qty(symbol)
+        if exposure is None:
+            exposure = trader.open_qty(symbol)
         exposure.add(order.is_buy, order.qty)
         self._events.append(OrderAccepted(
             self._ts, order.order_id, order.trader_id, order.client_order_id, symbol,
@@ -444,10 +473,10 @@ class Engine:
                             seller.leaves_qty, buy_fee, sell_fee, taker.liquidation))
         events.append(BookChanged(symbol, _EXECUTE, maker.order_id, maker.side,
                                   price, maker.leaves_qty, level_qty))
-        self._book_fill(buyer, True, price, qty, buy_fee)
-        self._book_fill(seller, False, price, qty, sell_fee)
-        if not maker.leaves_qty:
-            del self.orders[maker.order_id]
+        tick_value = market.tick_value
+        self._book_fill(buyer, True, price, qty, buy_fee, tick_value)
+        self._book_fill(seller, False, price, qty, sell_fee, tick_value)
+        if not maker.leaves_qty:  # the book has taken it out of its index
             del self.traders[maker.trader_id].live_orders[maker.client_order_id]
         last_prices = self.last_prices
         if not self._all_traded and last_prices[symbol] is None:
@@ -463,7 +492,8 @@ class Engine:
         elif price > printed[1]:
             printed[1] = price
 
-    def _book_fill(self, order: Order, is_buy: bool, price: int, qty: int, fee: int) -> None:
+    def _book_fill(self, order: Order, is_buy: bool, price: int, qty: int, fee: int,
+                   tick_value: int) -> None:
         """One side of a fill: the ledger, the trader's open quantity, the position report,
         and a margin re-check due for the trader."""
         trader_id = order.trader_id
@@ -471,7 +501,7 @@ class Engine:
         self._margin_dirty[trader_id] = None
         trader = self.traders[trader_id]
         account = trader.account or self._open_account(trader)
-        position = self.ledger.book_fill(account, symbol, is_buy, price, qty, fee)
+        position = self.ledger.book_fill(account, symbol, tick_value, is_buy, price, qty, fee)
         trader.exposure[symbol].add(is_buy, -qty)
         self._events.append(PositionChanged(self._ts, trader_id, symbol, position.qty,
                                             position.open_cost, account.cash,
@@ -513,7 +543,7 @@ class Engine:
                   client_order_id: str | None) -> Order | None:
         """The trader's live order by either id; another trader's looks unknown."""
         if order_id is not None:
-            order = self.orders.get(order_id)
+            order = self.resting_orders.get(order_id) or self.stop_orders.get(order_id)
             if order is None or order.trader_id != trader_id or (
                     client_order_id is not None and order.client_order_id != client_order_id):
                 return None
@@ -544,6 +574,7 @@ class Engine:
         canceled = order.leaves_qty
         level = self.books[order.symbol].remove(order.order_id)
         if level is None:  # a stop waiting outside the book
+            del self.stop_orders[order.order_id]
             self._cancel_unrested(order, reason)
         else:
             self._report_cancel(order, canceled, reason, level.total_qty)
@@ -560,11 +591,12 @@ class Engine:
                                           canceled_qty, reason))
         self._events.append(BookChanged(symbol, _CANCEL, order_id, side, order.price, 0,  # type: ignore[arg-type]
                                         level_qty))
-        del self.orders[order_id]
         del trader.live_orders[order.client_order_id]
 
     def _cancel_unrested(self, order: Order, reason: CancelReason) -> None:
-        """Cancel the remainder of an order that is not in the book."""
+        """Cancel the remainder of an order that is in no index but its trader's: an
+        incoming order that trades no further, or a stop already taken out of
+        ``stop_orders``."""
         canceled = order.leaves_qty
         order.leaves_qty = 0
         trader = self.traders[order.trader_id]
@@ -575,7 +607,7 @@ class Engine:
         self._forget(order)
 
     def _forget(self, order: Order) -> None:
-        del self.orders[order.order_id]
+        """An order that is in no index but its trader's is no longer live."""
         del self.traders[order.trader_id].live_orders[order.client_order_id]
 
     # ================================================================= amends
@@ -607,7 +639,6 @@ class Engine:
         else:
             level_qty = book.remove(order.order_id).total_qty  # type: ignore[union-attr]
             requeued = order.requeued(new_price, new_qty, new_leaves, self._ts)
-            self.orders[order.order_id] = requeued
             trader.live_orders[order.client_order_id] = requeued
             self._report_amend(requeued, False)
             self._events.append(BookChanged(order.symbol, BookAction.CANCEL, order.order_id,
@@ -689,6 +720,7 @@ class Engine:
     def _run_triggered(self, order: Order) -> None:
         if not order.leaves_qty:
             return  # canceled while queued behind another trigger
+        del self.stop_orders[order.order_id]  # from here on, an incoming order
         self._events.append(OrderTriggered(self._ts, order.order_id, order.trader_id,
                                            order.client_order_id, order.symbol))
         market = self.markets[order.symbol]
@@ -715,7 +747,7 @@ class Engine:
             trader = traders[trader_id]
             if trader.status is _LIQUIDATING:
                 self._flatten(trader)
-            elif margin.in_breach(trader_id, marks):
+            elif margin.in_breach(trader, marks):
                 self._liquidate(trader)
 
     def _liquidate(self, trader: TraderState) -> None:
@@ -739,7 +771,7 @@ class Engine:
                           abs(held), TimeInForce.IOC, False, StpMode.CANCEL_RESTING, None,
                           self._ts, liquidation=True)
             self.next_order_id += 1
-            self._accept(order, trader)
+            self._accept(order, trader, trader.exposure.get(symbol))
             self._execute(order, self.books[symbol])
         if not any(p.qty for p in account.positions.values()):
             self._liquidating.pop(trader.trader_id, None)

@@ -22,6 +22,20 @@ from models import RejectCode
 from positions import Account, Ledger, Position
 from risk_manager import Reject, TraderState
 
+# A machine int in the compiled build is below 2**62; a cash balance at realistic scales
+# (1e12 currency is 1e20 units) is not, and so exceeds any such amount
+_MACHINE_INT_MAX: Final = (1 << 62) - 1
+_BEYOND_MACHINE_INTS: Final = 1 << 62
+
+
+def exceeds(amount: int, cash: int) -> bool:
+    """``amount > cash``. Compared as is, a machine-int amount and a bignum cash make
+    the compiled build box the amount into a new int object first; comparing the cash
+    with a constant instead decides the common case without one."""
+    if amount <= _MACHINE_INT_MAX and cash >= _BEYOND_MACHINE_INTS:
+        return False
+    return amount > cash
+
 
 class SymbolRates:
     """One symbol's factors in the margin sums, found with one lookup: money units per
@@ -94,7 +108,7 @@ class MarginRiskManager:
         if not ordered_before:
             worst_margin += added_qty * marks[symbol] * all_rates[symbol].initial
         required = worst_margin // 10_000
-        if required - held_value > cash:  # more than the equity, cash + held_value
+        if exceeds(required - held_value, cash):  # more than the equity, cash + held_value
             return (RejectCode.RISK_INSUFFICIENT_MARGIN,
                     f"initial margin {required / MONEY_SCALE:.2f} would exceed equity "
                     f"{(cash + held_value) / MONEY_SCALE:.2f}")
@@ -108,7 +122,7 @@ class MarginRiskManager:
                        for symbol, p in account.positions.items() if p.qty)
         return notional * self.initial_bps // 10_000
 
-    def in_breach(self, trader_id: str, marks: dict[str, int]) -> bool:
+    def in_breach(self, trader: TraderState, marks: dict[str, int]) -> bool:
         """Equity below maintenance margin: the trader must be liquidated.
 
         A trader that passes is armed in ``watch`` with bands that split its slack over
@@ -118,7 +132,8 @@ class MarginRiskManager:
         # a trader that passes with positions is re-armed, which replaces its arming;
         # every other outcome disarms it
         watch = self.watch
-        account = self.ledger.accounts.get(trader_id) if self.enabled else None
+        trader_id = trader.trader_id
+        account = trader.account if self.enabled else None  # its ledger account
         if account is None:
             watch.disarm(trader_id)
             return False
@@ -140,15 +155,17 @@ class MarginRiskManager:
                 maintenance += size * mark * rates.maintenance
                 held += 1
         maintenance //= 10_000
-        cash = account.cash
-        if maintenance - held_value > cash:  # the slack, equity - maintenance, < 0
+        # the slack (equity - maintenance) less 1: the cash, a bignum at realistic
+        # scales, meets the machine-int sums in this one addition, and the tests below
+        # compare with -1 and 0, small ints that need no new object in the compiled build
+        spare = account.cash + (held_value - maintenance - 1)
+        if spare < -1:  # the slack is negative
             watch.disarm(trader_id)
             return True
         if not held:
             watch.disarm(trader_id)
         else:
-            excess = held_value - maintenance - 1  # slack - 1 is cash + excess
-            budget = (cash + excess) * 10_000 if -excess < cash else 0
+            budget = spare * 10_000 if spare > 0 else 0
             divisor = held * (10_000 + self.maintenance_bps)
             arming = watch.begin_arming(trader_id)
             for symbol, position in positions.items():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 from collections.abc import Iterator
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from mypy_extensions import mypyc_attr
 
@@ -130,16 +130,25 @@ class PriceLevel:
         self.head = 0
 
 
-class MatchSink(Protocol):
+@mypyc_attr(allow_interpreted_subclasses=True)
+class MatchSink:
     """What the book tells its owner while matching. ``level_qty`` is the maker's level
-    total after the change (0: the level is gone)."""
+    total after the change (0: the level is gone).
+
+    A base class to subclass, not a Protocol: in the compiled build (native_core.py) the
+    book then calls a compiled sink (the engine) directly, with native ints, where a
+    Protocol's method is looked up by name and called through its Python wrapper. An
+    interpreted subclass (a test's, the benchmark's) still works, through the wrapper."""
 
     def on_fill(self, maker: Order, taker: Order, price: int, qty: int,
-                level_qty: int) -> None: ...
+                level_qty: int) -> None:
+        raise NotImplementedError
 
-    def on_self_trade_cancel(self, maker: Order, canceled_qty: int, level_qty: int) -> None: ...
+    def on_self_trade_cancel(self, maker: Order, canceled_qty: int, level_qty: int) -> None:
+        raise NotImplementedError
 
-    def on_decrement(self, maker: Order, taker: Order, qty: int, level_qty: int) -> None: ...
+    def on_decrement(self, maker: Order, taker: Order, qty: int, level_qty: int) -> None:
+        raise NotImplementedError
 
 
 class BookSide:
@@ -210,13 +219,17 @@ class BookSide:
 
 
 class OrderBook:
-    """The resting orders of one symbol, and the matching of incoming orders against them."""
+    """The resting orders of one symbol, and the matching of incoming orders against them.
 
-    def __init__(self, symbol: str) -> None:
+    ``resting_orders`` indexes them by id. Books may share one index (the engine's do,
+    so that it finds any resting order by id alone); a book then holds other symbols'
+    orders in it too, and ``remove`` must only be given ids of its own orders."""
+
+    def __init__(self, symbol: str, resting_orders: dict[int, Order] | None = None) -> None:
         self.symbol = symbol
         self.bids = BookSide(is_bid=True)
         self.asks = BookSide(is_bid=False)
-        self.resting_orders: dict[int, Order] = {}
+        self.resting_orders: dict[int, Order] = {} if resting_orders is None else resting_orders
 
     # ----------------------------------------------------------------- queries
 
@@ -449,7 +462,9 @@ class OrderBook:
             if best is not None and best.live_count:
                 top = max(book_side.levels) if book_side.is_bid else min(book_side.levels)
                 assert best is book_side.levels[top], f"{side} best level is not {top}"
-        assert seen == set(self.resting_orders), "resting_orders index disagrees with levels"
+        indexed = {order_id for order_id, order in self.resting_orders.items()
+                   if order.symbol == self.symbol}  # the index may be shared
+        assert seen == indexed, "resting_orders index disagrees with levels"
         bid, ask = self.best_bid(), self.best_ask()
         assert bid is None or ask is None or bid < ask, f"book crossed: {bid} >= {ask}"
 

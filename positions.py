@@ -99,13 +99,14 @@ class Ledger:
     def apply_fill(self, trader_id: str, symbol: str, is_buy: bool, price: int, qty: int,
                    fee: int) -> Position:
         """Book one fill; returns the updated position."""
-        return self.book_fill(self.account(trader_id), symbol, is_buy, price, qty, fee)
+        return self.book_fill(self.account(trader_id), symbol, self.tick_values[symbol],
+                              is_buy, price, qty, fee)
 
-    def book_fill(self, account: Account, symbol: str, is_buy: bool, price: int, qty: int,
-                  fee: int) -> Position:
-        """``apply_fill`` for a caller that already holds the account (the engine's hot
-        path, which also reads the account's cash for the position report)."""
-        tick_value = self.tick_values[symbol]
+    def book_fill(self, account: Account, symbol: str, tick_value: int, is_buy: bool,
+                  price: int, qty: int, fee: int) -> Position:
+        """``apply_fill`` for a caller that already holds the account and the symbol's
+        tick value (the engine's hot path, which also reads the account's cash for the
+        position report)."""
         position = account.positions.get(symbol) or account.position(symbol)
         # Products of non-negative factors below 2**30 stay in machine ints under mypyc
         # (native_core.py); a negative or larger factor takes its bignum path. So the

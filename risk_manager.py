@@ -49,15 +49,19 @@ class OpenQty:
 class TraderState:
     """What the engine tracks per trader besides accounting."""
 
-    __slots__ = ("account", "exposure", "live_orders", "rate_tokens", "rate_ts", "status",
-                 "trader_id")
+    __slots__ = ("account", "exposure", "live_orders", "rate_counted", "rate_last",
+                 "rate_tokens", "status", "trader_id")
 
     def __init__(self, trader_id: str, burst: int) -> None:
         self.trader_id = trader_id
         self.live_orders: dict[str, Order] = {}  # by client_order_id, stops included
         self.exposure: dict[str, OpenQty] = {}  # by symbol
         self.rate_tokens = burst * _TOKEN  # token bucket, in nano-messages
-        self.rate_ts: int | None = None
+        # the timestamp of the last message the bucket counted, once it counted one: a
+        # flag and a plain int rather than ``int | None``, which the compiled build
+        # would box on every message
+        self.rate_counted = False
+        self.rate_last = 0
         self.status = TraderStatus.OK
         # the trader's ledger account once its first fill opened one: held here so the
         # hot path does not look it up by trader id
@@ -65,6 +69,16 @@ class TraderState:
 
     def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (self.trader_id, 0)
+
+    @property
+    def rate_ts(self) -> int | None:
+        """The timestamp of the last message the bucket counted (``None``: none yet)."""
+        return self.rate_last if self.rate_counted else None
+
+    @rate_ts.setter
+    def rate_ts(self, ts: int | None) -> None:
+        self.rate_counted = ts is not None
+        self.rate_last = 0 if ts is None else ts
 
     def open_qty(self, symbol: str) -> OpenQty:
         exposure = self.exposure.get(symbol)
@@ -92,10 +106,11 @@ class RiskManager:
     def take_rate_token(self, trader: TraderState, ts: int) -> Reject | None:
         """Token bucket on the message's own timestamp: ``rate_limit_per_sec`` sustained,
         ``rate_limit_burst`` at once. A message older than the last one refills nothing."""
-        rate_ts = trader.rate_ts
+        rate_ts = trader.rate_last
         tokens = trader.rate_tokens
-        if rate_ts is None:
-            trader.rate_ts = ts
+        if not trader.rate_counted:
+            trader.rate_counted = True
+            trader.rate_last = ts
         elif ts > rate_ts:
             # A bucket that the time elapsed refills to the brim is the common case;
             # testing it by division keeps a large refill rate out of the product
@@ -108,7 +123,7 @@ class RiskManager:
                 tokens += elapsed * refill
                 if tokens > self._capacity:
                     tokens = self._capacity
-            trader.rate_ts = ts
+            trader.rate_last = ts
         if tokens < _TOKEN:
             trader.rate_tokens = tokens
             return RejectCode.RATE_LIMITED, "message rate limit exceeded; slow down"
@@ -136,18 +151,20 @@ class RiskManager:
                     f"(max_position {self.max_position})")
         return None
 
-    def check_new_order(self, trader: TraderState, ts: int, symbol: str, is_buy: bool,
-                        qty: int, position: int, limit_price: int | None, reference: int,
+    def check_new_order(self, trader: TraderState, ts: int, symbol: str,
+                        exposure: OpenQty | None, is_buy: bool, qty: int, position: int,
+                        limit_price: int | None, reference: int,
                         band_bps: int) -> Reject | None:
         """Every pre-trade check of a new order, in order: message rate, size, open
         orders, worst-case position, and the price band (for a limit price).
+        ``exposure`` is the trader's open quantity in ``symbol`` (``None``: no entry),
+        which the caller has already looked up.
 
         Every order passes through here, so the limits are tested inline; only a
         failing order calls the functions that name the problem (the amend path's)."""
         reject = self.take_rate_token(trader, ts)
         if reject is not None:
             return reject
-        exposure = trader.exposure.get(symbol)
         if exposure is None:
             worst = position + qty if is_buy else position - qty
         else:

@@ -64,7 +64,7 @@ from models import (  # noqa: E402
     TimeInForce,
     Trade,
 )
-from orderbook import Order, OrderBook  # noqa: E402
+from orderbook import MatchSink, Order, OrderBook  # noqa: E402
 
 SYMBOL = "SIM"
 REFERENCE_PRICE = 10_000  # ticks; also the engine's band centre before the first trade
@@ -369,7 +369,7 @@ def _since(start: Elapsed) -> Elapsed:
     return Elapsed(time.perf_counter() - start.wall, time.process_time() - start.cpu)
 
 
-class CountingSink:
+class CountingSink(MatchSink):
     """A MatchSink that only counts, so the bare book can be cross-checked; the
     reference does the same two additions per fill."""
 

@@ -47,6 +47,7 @@ from tests.conftest import (
     stop,
     stop_limit,
     trade,
+    two_symbol_config,
     without,
 )
 
@@ -426,6 +427,42 @@ def test_cancel_a_resting_order_when_its_owner_names_the_client_order_id(h: Harn
         OrderCanceled(h.now, 1, "a", "a1", SYM, SELL, 5, CancelReason.USER),
         BookChanged(SYM, CANCEL, 1, SELL, 10_010, 0, 0)]
     assert h.queue(SELL) == []
+
+
+def test_cancel_by_order_id_in_any_symbol_when_the_books_share_one_index() -> None:
+    h = Harness(two_symbol_config())
+    print_trade(h, 10_000)
+    h.send_all([limit("a", "a1", BUY, 5, 9_990), limit("a", "a2", SELL, 4, 5_010, symbol=ALT),
+                stop("a", "a3", BUY, 2, 10_050)])
+    resting_sim, resting_alt, waiting = 3, 4, 5
+    engine = h.engine
+    # the books' one index holds both symbols' resting orders, the stop is apart
+    assert engine.books[SYM].resting_orders is engine.books[ALT].resting_orders
+    assert set(engine.resting_orders) == {resting_sim, resting_alt}
+    assert set(engine.stop_orders) == {waiting}
+    assert sorted(engine.orders) == [resting_sim, resting_alt, waiting]
+    assert engine.orders[waiting].client_order_id == "a3"
+    assert h.send(cancel("a", order_id=resting_alt)) == [
+        OrderCanceled(h.now, resting_alt, "a", "a2", ALT, SELL, 4, CancelReason.USER),
+        BookChanged(ALT, CANCEL, resting_alt, SELL, 5_010, 0, 0)]
+    assert h.send(cancel("a", order_id=waiting)) == [
+        OrderCanceled(h.now, waiting, "a", "a3", SYM, BUY, 2, CancelReason.USER)]
+    assert h.send(cancel("a", order_id=resting_sim)) == [
+        OrderCanceled(h.now, resting_sim, "a", "a1", SYM, BUY, 5, CancelReason.USER),
+        BookChanged(SYM, CANCEL, resting_sim, BUY, 9_990, 0, 0)]
+    assert not engine.orders and engine.open_orders("a") == []
+
+
+def test_index_a_triggered_stop_limit_as_resting_when_it_rests() -> None:
+    h = Harness()
+    print_trade(h, 10_000)
+    h.send(stop_limit("s", "s1", BUY, 2, 10_050, 10_040))
+    assert set(h.engine.stop_orders) == {3} and 3 not in h.engine.resting_orders
+    print_trade(h, 10_060)  # triggers it; 10_040 does not cross the empty ask side
+    assert 3 not in h.engine.stop_orders and h.engine.resting_orders[3].client_order_id == "s1"
+    assert h.send(cancel("s", order_id=3)) == [
+        OrderCanceled(h.now, 3, "s", "s1", SYM, BUY, 2, CancelReason.USER),
+        BookChanged(SYM, CANCEL, 3, BUY, 10_040, 0, 0)]
 
 
 def test_cancel_only_the_remainder_when_the_order_was_partially_filled(h: Harness) -> None:

@@ -11,7 +11,7 @@ import random
 from unittest.mock import ANY
 
 from config import MONEY_SCALE
-from margin_risk_manager import MarginWatch
+from margin_risk_manager import MarginWatch, exceeds
 from models import (
     AmendOrder,
     AmendRejected,
@@ -263,3 +263,14 @@ def test_watch_pops_exactly_the_traders_whose_band_a_mark_leaves() -> None:
                 del model[t]
             popped += len(expected)
     assert popped > 500, "the sequence must pop often enough to mean something"
+
+
+def test_compare_an_amount_with_the_cash_exactly_either_side_of_machine_ints() -> None:
+    """``exceeds`` decides a machine-int amount against a bignum cash without comparing
+    the two; it must still be ``amount > cash`` exactly, at and around every edge."""
+    edges = [0, 1, 10**20, (1 << 62) - 1, 1 << 62, (1 << 62) + 1, 1 << 63, 1 << 64]
+    values = sorted({sign * edge + delta for edge in edges for sign in (1, -1)
+                     for delta in (-1, 0, 1)})
+    for amount in values:
+        for cash in values:
+            assert exceeds(amount, cash) is (amount > cash), (amount, cash)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from models import OrderType, Side, StpMode, TimeInForce
-from orderbook import Order, OrderBook
+from orderbook import MatchSink, Order, OrderBook
 
 BOOK_IMPLEMENTATIONS: list[type[OrderBook]] = [OrderBook]
 
@@ -29,7 +29,7 @@ def book(book_cls: type[OrderBook]) -> OrderBook:
     return book_cls("SIM")
 
 
-class RecordingSink:
+class RecordingSink(MatchSink):
     """Records what the book tells its owner while matching, in order."""
 
     def __init__(self) -> None:
@@ -190,6 +190,29 @@ def test_return_none_when_removing_an_order_that_is_not_resting(book: OrderBook)
     assert book.remove(1) is not None
     assert book.remove(1) is None
     book.validate()
+
+
+def test_keep_each_book_to_its_own_orders_when_two_books_share_one_index(
+        book_cls: type[OrderBook]) -> None:
+    index: dict[int, Order] = {}
+    sim, alt = book_cls("SIM", index), book_cls("ALT", index)
+    rest(sim, order(1, BUY, 9_990, 5))
+    alt_order = Order(2, "maker", "c2", "ALT", SELL, OrderType.LIMIT, 5_010, 3)
+    alt.add(alt_order)
+    assert sim.resting_orders is alt.resting_orders is index and set(index) == {1, 2}
+    sim.validate()
+    alt.validate()
+    taker = Order(3, "taker", "c3", "ALT", BUY, OrderType.LIMIT, 5_010, 3)
+    sink = RecordingSink()
+    alt.match(taker, 5_010, sink)
+    assert sink.calls == [("fill", 2, 3, 5_010, 3, 0)] and set(index) == {1}
+    assert sim.remove(1) is not None and index == {}
+    sim.validate()
+    alt.validate()
+    index[1] = order(1, BUY, 9_990, 5)  # indexed, but in no level of SIM's
+    with pytest.raises(AssertionError, match="index disagrees"):
+        sim.validate()
+    alt.validate()  # another symbol's order in the index is not ALT's business
 
 
 def test_skip_a_removed_order_when_it_reaches_the_head(book: OrderBook) -> None:

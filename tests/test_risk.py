@@ -246,7 +246,8 @@ def test_decide_like_the_named_rules_when_a_new_order_takes_the_inline_path(
     ts, is_buy, qty, position, limit_price = order
     fast = _trader_state(burst, live, exposure, rate)
     named = _trader_state(burst, live, exposure, rate)
-    got = risk.check_new_order(fast, ts, "SIM", is_buy, qty, position, limit_price, 10_000, 500)
+    got = risk.check_new_order(fast, ts, "SIM", fast.exposure.get("SIM"), is_buy, qty, position,
+                               limit_price, 10_000, 500)
     expected = risk.take_rate_token(named, ts) or risk.check_order(
         named, "SIM", is_buy, qty, qty, position, 1)
     if expected is None and limit_price is not None:
@@ -260,6 +261,7 @@ def test_decide_like_the_named_rules_when_a_new_order_takes_the_inline_path(
 def test_apply_the_band_edges_exactly_when_a_new_order_takes_the_inline_path(
         price: int, inside: bool) -> None:
     risk = RiskManager(RiskConfig())
-    reject = risk.check_new_order(TraderState("a", 10), 1, "SIM", True, 1, 0, price, 10_000, 500)
+    reject = risk.check_new_order(TraderState("a", 10), 1, "SIM", None, True, 1, 0, price, 10_000,
+                                  500)
     assert reject == (None if inside else check_price_band(price, 10_000, 500))
     assert inside or reject[0] is RejectCode.RISK_PRICE_BAND  # type: ignore[index]
