@@ -179,6 +179,10 @@ class Engine(MatchSink):
         self._moved: dict[str, list[int]] = {}
         self._liquidating: dict[str, None] = {}
         self._margin_dirty: dict[str, None] = {}  # traders a fill changed since the last check
+        # the trader of the order being matched, and whether it has filled yet: on_fill
+        # needs it for every fill, _execute marks it for a margin check once
+        self._taker_trader: TraderState | None = None
+        self._taker_filled = False
         self._all_traded = False  # once every symbol traded, marks() is last_prices itself
 
     # ================================================================= entry point
@@ -371,7 +375,7 @@ class Engine(MatchSink):
                 self._events.append(BookChanged(symbol, _ADD, order_id, side, price,  # type: ignore[arg-type]
                                                 qty, level.total_qty))
                 return
-        self._execute(order, book)
+        self._execute(order, trader, book)
 
     def _check_new_order(self, cmd: NewOrder, trader: TraderState, market: Market | None,
                          exposure: OpenQty | None, is_buy: bool, order_type: OrderType,
@@ -424,8 +428,9 @@ class Engine(MatchSink):
             order.side, order.order_type, order.price, order.stop_price, order.qty, order.tif,
             order.post_only, order.liquidation))
 
-    def _execute(self, order: Order, book: OrderBook) -> None:
-        """Match an incoming (or re-entering) order, then rest or cancel what is left."""
+    def _execute(self, order: Order, trader: TraderState, book: OrderBook) -> None:
+        """Match an incoming (or re-entering) order of ``trader``'s, then rest or cancel
+        what is left."""
         is_buy = order.is_buy
         is_limit = order.order_type is _LIMIT or order.order_type is _STOP_LIMIT
         if is_limit:
@@ -440,7 +445,12 @@ class Engine(MatchSink):
                 book.fillable_qty(order, limit, order.leaves_qty) < order.leaves_qty:
             self._cancel_unrested(order, CancelReason.FOK)
             return
-        stopped = book.would_cross(is_buy, limit) and book.match(order, limit, self)
+        stopped = False
+        if book.would_cross(is_buy, limit):
+            self._taker_trader, self._taker_filled = trader, False
+            stopped = book.match(order, limit, self)
+            if self._taker_filled:
+                self._margin_dirty[trader.trader_id] = None
         if not order.leaves_qty:
             self._forget(order)
         elif stopped:
@@ -474,10 +484,20 @@ class Engine(MatchSink):
         events.append(BookChanged(symbol, _EXECUTE, maker.order_id, maker.side,
                                   price, maker.leaves_qty, level_qty))
         tick_value = market.tick_value
-        self._book_fill(buyer, True, price, qty, buy_fee, tick_value)
-        self._book_fill(seller, False, price, qty, sell_fee, tick_value)
+        # the taker's trader is _execute's, marked for a margin check there, once
+        maker_trader = self.traders[maker.trader_id]
+        self._margin_dirty[maker.trader_id] = None
+        taker_trader = self._taker_trader
+        assert taker_trader is not None
+        self._taker_filled = True
+        if taker.is_buy:
+            self._book_fill(taker, taker_trader, True, price, qty, buy_fee, tick_value)
+            self._book_fill(maker, maker_trader, False, price, qty, sell_fee, tick_value)
+        else:
+            self._book_fill(maker, maker_trader, True, price, qty, buy_fee, tick_value)
+            self._book_fill(taker, taker_trader, False, price, qty, sell_fee, tick_value)
         if not maker.leaves_qty:  # the book has taken it out of its index
-            del self.traders[maker.trader_id].live_orders[maker.client_order_id]
+            del maker_trader.live_orders[maker.client_order_id]
         last_prices = self.last_prices
         if not self._all_traded and last_prices[symbol] is None:
             last_prices[symbol] = price
@@ -492,14 +512,12 @@ class Engine(MatchSink):
         elif price > printed[1]:
             printed[1] = price
 
-    def _book_fill(self, order: Order, is_buy: bool, price: int, qty: int, fee: int,
-                   tick_value: int) -> None:
-        """One side of a fill: the ledger, the trader's open quantity, the position report,
-        and a margin re-check due for the trader."""
+    def _book_fill(self, order: Order, trader: TraderState, is_buy: bool, price: int,
+                   qty: int, fee: int, tick_value: int) -> None:
+        """One side of a fill, ``order`` of ``trader``'s: the ledger, the trader's open
+        quantity and the position report."""
         trader_id = order.trader_id
         symbol = order.symbol
-        self._margin_dirty[trader_id] = None
-        trader = self.traders[trader_id]
         account = trader.account or self._open_account(trader)
         position = self.ledger.book_fill(account, symbol, tick_value, is_buy, price, qty, fee)
         trader.exposure[symbol].add(is_buy, -qty)
@@ -643,7 +661,7 @@ class Engine(MatchSink):
             self._report_amend(requeued, False)
             self._events.append(BookChanged(order.symbol, BookAction.CANCEL, order.order_id,
                                             order.side, order.price, 0, level_qty))  # type: ignore[arg-type]
-            self._execute(requeued, book)
+            self._execute(requeued, trader, book)
 
     def _check_amend(self, cmd: AmendOrder, order: Order | None) -> Reject | None:
         if order is None:
@@ -728,7 +746,7 @@ class Engine(MatchSink):
                 order.price, market.band_centre, market.band_bps):  # type: ignore[arg-type]
             self._cancel_unrested(order, CancelReason.RISK)
             return
-        self._execute(order, market.book)
+        self._execute(order, self.traders[order.trader_id], market.book)
 
     def _check_margins(self, moved: dict[str, None]) -> None:
         """Check the traders a price move or a fill may have put below maintenance: those
@@ -772,7 +790,7 @@ class Engine(MatchSink):
                           self._ts, liquidation=True)
             self.next_order_id += 1
             self._accept(order, trader, trader.exposure.get(symbol))
-            self._execute(order, self.books[symbol])
+            self._execute(order, trader, self.books[symbol])
         if not any(p.qty for p in account.positions.values()):
             self._liquidating.pop(trader.trader_id, None)
             self._set_status(trader, TraderStatus.OK)
