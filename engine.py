@@ -399,20 +399,14 @@ class Engine(MatchSink):
             return reject
         margin = self.margin
         if margin.enabled:
-            reject = margin.check_order(trader, symbol, is_buy, qty, self.marks(), account)
+            reject = margin.check_order(trader, symbol, is_buy, qty, self.marks(), account,
+                                        position)
             if reject is not None:
                 return reject
         if cmd.post_only and market.book.would_cross(is_buy, price):
             return (RejectCode.POST_ONLY_WOULD_CROSS,
                     f"post-only {cmd.side.value} at {price} would trade on arrival")
         return None
-
-    def _position(self, trader_id: str, symbol: str) -> int:
-        account = self.ledger.accounts.get(trader_id)
-        if account is None:
-            return 0
-        position = account.positions.get(symbol)
-        return position.qty if position else 0
 
     def _accept(self, order: Order, trader: TraderState, exposure: OpenQty | None) -> None:
         """A new order is live: the trader's, with its open quantity counted (in
@@ -681,8 +675,10 @@ class Engine(MatchSink):
             return (RejectCode.INVALID_FIELD,
                     f"'qty' {new_qty} must exceed the filled quantity {order.filled_qty}")
         added = new_qty - order.filled_qty - order.leaves_qty
+        account = trader.account  # serves the position limit and the margin check
+        position = account.positions.get(symbol) if account is not None else None
         reject = self.risk.check_order(trader, symbol, order.is_buy, new_qty, max(added, 0),
-                                       self._position(order.trader_id, symbol), 0)
+                                       position.qty if position else 0, 0)
         if reject is not None:
             return reject
         is_resting = order.order_id in market.book.resting_orders
@@ -695,7 +691,7 @@ class Engine(MatchSink):
                         f"post-only order amended to {cmd.price} would trade")
         if added > 0 and self.margin.enabled:
             return self.margin.check_order(trader, symbol, order.is_buy, added, self.marks(),
-                                           trader.account)
+                                           account, position)
         return None
 
     def _report_amend(self, order: Order, priority_kept: bool) -> None:

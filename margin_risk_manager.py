@@ -82,10 +82,12 @@ class MarginRiskManager:
         return (MarginConfig(), self.ledger)
 
     def check_order(self, trader: TraderState, symbol: str, is_buy: bool, added_qty: int,
-                    marks: dict[str, int], account: Account | None) -> Reject | None:
+                    marks: dict[str, int], account: Account | None,
+                    position_in_symbol: Position | None) -> Reject | None:
         """Would the trader's worst case, with ``added_qty`` more open on one side of
         ``symbol``, need more initial margin than its equity? ``account`` is the trader's
-        ledger account (``None`` before its first fill), looked up once by the caller."""
+        ledger account (``None`` before its first fill) and ``position_in_symbol`` its
+        position in ``symbol`` (``None``: none yet), both looked up once by the caller."""
         if not self.enabled or added_qty <= 0:
             return None
         if account is None:
@@ -101,7 +103,7 @@ class MarginRiskManager:
         ordered_before = False  # in this symbol: else its exposure has no entry yet
         for sym, open_qty in trader.exposure.items():
             open_buy, open_sell = open_qty.buy, open_qty.sell
-            position = positions.get(sym)
+            position = position_in_symbol if sym == symbol else positions.get(sym)
             held = position.qty if position is not None else 0
             if sym == symbol:
                 ordered_before = True
