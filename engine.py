@@ -179,6 +179,13 @@ class Engine(MatchSink):
         self._moved: dict[str, list[int]] = {}
         self._liquidating: dict[str, None] = {}
         self._margin_dirty: dict[str, None] = {}  # traders a fill changed since the last check
+        # the order being matched: its trader and market, which on_fill needs for every
+        # fill, and whether it has filled yet, at which prices (low, high, last): what a
+        # match changes beyond the fills themselves is recorded once, after it
+        self._taker_trader: TraderState | None = None
+        self._taker_market: Market | None = None
+        self._taker_filled = False
+        self._fill_low = self._fill_high = self._fill_last = 0
         self._all_traded = False  # once every symbol traded, marks() is last_prices itself
 
     # ================================================================= entry point
@@ -371,7 +378,7 @@ class Engine(MatchSink):
                 self._events.append(BookChanged(symbol, _ADD, order_id, side, price,  # type: ignore[arg-type]
                                                 qty, level.total_qty))
                 return
-        self._execute(order, book)
+        self._execute(order, trader, market)
 
     def _check_new_order(self, cmd: NewOrder, trader: TraderState, market: Market | None,
                          exposure: OpenQty | None, is_buy: bool, order_type: OrderType,
@@ -395,20 +402,14 @@ class Engine(MatchSink):
             return reject
         margin = self.margin
         if margin.enabled:
-            reject = margin.check_order(trader, symbol, is_buy, qty, self.marks(), account)
+            reject = margin.check_order(trader, symbol, is_buy, qty, self.marks(), account,
+                                        position)
             if reject is not None:
                 return reject
         if cmd.post_only and market.book.would_cross(is_buy, price):
             return (RejectCode.POST_ONLY_WOULD_CROSS,
                     f"post-only {cmd.side.value} at {price} would trade on arrival")
         return None
-
-    def _position(self, trader_id: str, symbol: str) -> int:
-        account = self.ledger.accounts.get(trader_id)
-        if account is None:
-            return 0
-        position = account.positions.get(symbol)
-        return position.qty if position else 0
 
     def _accept(self, order: Order, trader: TraderState, exposure: OpenQty | None) -> None:
         """A new order is live: the trader's, with its open quantity counted (in
@@ -424,23 +425,27 @@ class Engine(MatchSink):
             order.side, order.order_type, order.price, order.stop_price, order.qty, order.tif,
             order.post_only, order.liquidation))
 
-    def _execute(self, order: Order, book: OrderBook) -> None:
-        """Match an incoming (or re-entering) order, then rest or cancel what is left."""
+    def _execute(self, order: Order, trader: TraderState, market: Market) -> None:
+        """Match an incoming (or re-entering) order of ``trader``'s in ``market``, then
+        rest or cancel what is left."""
+        book = market.book
         is_buy = order.is_buy
         is_limit = order.order_type is _LIMIT or order.order_type is _STOP_LIMIT
-        if is_limit:
-            limit = order.price
-        else:
-            # market orders trade no further than the band's edge: a thin book cannot
-            # fill them at any price, and margin checks have a worst case to count on
-            market = self.markets[order.symbol]
-            limit = band_limit(is_buy, market.band_centre, market.band_bps)
+        # market orders trade no further than the band's edge: a thin book cannot fill
+        # them at any price, and margin checks have a worst case to count on
+        limit = order.price if is_limit else band_limit(is_buy, market.band_centre,
+                                                        market.band_bps)
         tif = order.tif
         if tif is _FOK and \
                 book.fillable_qty(order, limit, order.leaves_qty) < order.leaves_qty:
             self._cancel_unrested(order, CancelReason.FOK)
             return
-        stopped = book.would_cross(is_buy, limit) and book.match(order, limit, self)
+        stopped = False
+        if book.would_cross(is_buy, limit):
+            self._taker_trader, self._taker_market, self._taker_filled = trader, market, False
+            stopped = book.match(order, limit, self)
+            if self._taker_filled:
+                self._after_fills(trader, market)
         if not order.leaves_qty:
             self._forget(order)
         elif stopped:
@@ -457,7 +462,8 @@ class Engine(MatchSink):
         ts = self._ts
         events = self._events
         symbol = maker.symbol
-        market = self.markets[symbol]
+        market = self._taker_market
+        assert market is not None
         trade_id = self.next_trade_id
         self.next_trade_id = trade_id + 1
         ticks = price * qty
@@ -474,32 +480,55 @@ class Engine(MatchSink):
         events.append(BookChanged(symbol, _EXECUTE, maker.order_id, maker.side,
                                   price, maker.leaves_qty, level_qty))
         tick_value = market.tick_value
-        self._book_fill(buyer, True, price, qty, buy_fee, tick_value)
-        self._book_fill(seller, False, price, qty, sell_fee, tick_value)
+        # the taker's trader is _execute's, marked for a margin check there, once
+        maker_trader = self.traders[maker.trader_id]
+        self._margin_dirty[maker.trader_id] = None
+        taker_trader = self._taker_trader
+        assert taker_trader is not None
+        if not self._taker_filled:
+            self._taker_filled = True
+            self._fill_low = self._fill_high = price
+        elif price < self._fill_low:
+            self._fill_low = price
+        elif price > self._fill_high:
+            self._fill_high = price
+        self._fill_last = price
+        if taker.is_buy:
+            self._book_fill(taker, taker_trader, True, price, qty, buy_fee, tick_value)
+            self._book_fill(maker, maker_trader, False, price, qty, sell_fee, tick_value)
+        else:
+            self._book_fill(maker, maker_trader, True, price, qty, buy_fee, tick_value)
+            self._book_fill(taker, taker_trader, False, price, qty, sell_fee, tick_value)
         if not maker.leaves_qty:  # the book has taken it out of its index
-            del self.traders[maker.trader_id].live_orders[maker.client_order_id]
+            del maker_trader.live_orders[maker.client_order_id]
+
+    def _after_fills(self, taker_trader: TraderState, market: Market) -> None:
+        """After a match that filled: the taker due a margin check, the last price and
+        the band's centre, and the prices printed for the stops to settle."""
+        self._margin_dirty[taker_trader.trader_id] = None
+        symbol, price = market.symbol, self._fill_last
         last_prices = self.last_prices
         if not self._all_traded and last_prices[symbol] is None:
             last_prices[symbol] = price
             self._all_traded = None not in last_prices.values()
         last_prices[symbol] = price
         market.band_centre = price
+        low, high = self._fill_low, self._fill_high
         printed = self._moved.get(symbol)
         if printed is None:
-            self._moved[symbol] = [price, price]
-        elif price < printed[0]:
-            printed[0] = price
-        elif price > printed[1]:
-            printed[1] = price
+            self._moved[symbol] = [low, high]
+        else:
+            if low < printed[0]:
+                printed[0] = low
+            if high > printed[1]:
+                printed[1] = high
 
-    def _book_fill(self, order: Order, is_buy: bool, price: int, qty: int, fee: int,
-                   tick_value: int) -> None:
-        """One side of a fill: the ledger, the trader's open quantity, the position report,
-        and a margin re-check due for the trader."""
+    def _book_fill(self, order: Order, trader: TraderState, is_buy: bool, price: int,
+                   qty: int, fee: int, tick_value: int) -> None:
+        """One side of a fill, ``order`` of ``trader``'s: the ledger, the trader's open
+        quantity and the position report."""
         trader_id = order.trader_id
         symbol = order.symbol
-        self._margin_dirty[trader_id] = None
-        trader = self.traders[trader_id]
         account = trader.account or self._open_account(trader)
         position = self.ledger.book_fill(account, symbol, tick_value, is_buy, price, qty, fee)
         trader.exposure[symbol].add(is_buy, -qty)
@@ -643,7 +672,7 @@ class Engine(MatchSink):
             self._report_amend(requeued, False)
             self._events.append(BookChanged(order.symbol, BookAction.CANCEL, order.order_id,
                                             order.side, order.price, 0, level_qty))  # type: ignore[arg-type]
-            self._execute(requeued, book)
+            self._execute(requeued, trader, self.markets[order.symbol])
 
     def _check_amend(self, cmd: AmendOrder, order: Order | None) -> Reject | None:
         if order is None:
@@ -663,8 +692,10 @@ class Engine(MatchSink):
             return (RejectCode.INVALID_FIELD,
                     f"'qty' {new_qty} must exceed the filled quantity {order.filled_qty}")
         added = new_qty - order.filled_qty - order.leaves_qty
+        account = trader.account  # serves the position limit and the margin check
+        position = account.positions.get(symbol) if account is not None else None
         reject = self.risk.check_order(trader, symbol, order.is_buy, new_qty, max(added, 0),
-                                       self._position(order.trader_id, symbol), 0)
+                                       position.qty if position else 0, 0)
         if reject is not None:
             return reject
         is_resting = order.order_id in market.book.resting_orders
@@ -677,7 +708,7 @@ class Engine(MatchSink):
                         f"post-only order amended to {cmd.price} would trade")
         if added > 0 and self.margin.enabled:
             return self.margin.check_order(trader, symbol, order.is_buy, added, self.marks(),
-                                           trader.account)
+                                           account, position)
         return None
 
     def _report_amend(self, order: Order, priority_kept: bool) -> None:
@@ -728,7 +759,7 @@ class Engine(MatchSink):
                 order.price, market.band_centre, market.band_bps):  # type: ignore[arg-type]
             self._cancel_unrested(order, CancelReason.RISK)
             return
-        self._execute(order, market.book)
+        self._execute(order, self.traders[order.trader_id], market)
 
     def _check_margins(self, moved: dict[str, None]) -> None:
         """Check the traders a price move or a fill may have put below maintenance: those
@@ -772,7 +803,7 @@ class Engine(MatchSink):
                           self._ts, liquidation=True)
             self.next_order_id += 1
             self._accept(order, trader, trader.exposure.get(symbol))
-            self._execute(order, self.books[symbol])
+            self._execute(order, trader, self.markets[symbol])
         if not any(p.qty for p in account.positions.values()):
             self._liquidating.pop(trader.trader_id, None)
             self._set_status(trader, TraderStatus.OK)

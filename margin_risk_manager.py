@@ -37,6 +37,19 @@ def exceeds(amount: int, cash: int) -> bool:
     return amount > cash
 
 
+def band_reach(cash: int, spare_beyond_cash: int, per_tick_cost: int) -> int:
+    """``max(spare, 0) * 10_000 // per_tick_cost``, the ticks a band reaches either side
+    of the mark, where ``spare = cash + spare_beyond_cash`` is at least -1.
+
+    With the cash a bignum, the product and the quotient would each be a new bignum;
+    dividing the cash alone is one bignum operation, and since ``q * per_tick_cost``
+    divides exactly, the rest is machine ints:
+    ``(q * d + r + s) * 10_000 // d == q * 10_000 + (r + s) * 10_000 // d``."""
+    whole, rest = divmod(cash, per_tick_cost)
+    reach = whole * 10_000 + (rest + spare_beyond_cash) * 10_000 // per_tick_cost
+    return reach if reach > 0 else 0  # a spare of -1 or 0 leaves no reach
+
+
 class SymbolRates:
     """One symbol's factors in the margin sums, found with one lookup: money units per
     lot and tick, and that times the initial and the maintenance bps."""
@@ -69,10 +82,12 @@ class MarginRiskManager:
         return (MarginConfig(), self.ledger)
 
     def check_order(self, trader: TraderState, symbol: str, is_buy: bool, added_qty: int,
-                    marks: dict[str, int], account: Account | None) -> Reject | None:
+                    marks: dict[str, int], account: Account | None,
+                    position_in_symbol: Position | None) -> Reject | None:
         """Would the trader's worst case, with ``added_qty`` more open on one side of
         ``symbol``, need more initial margin than its equity? ``account`` is the trader's
-        ledger account (``None`` before its first fill), looked up once by the caller."""
+        ledger account (``None`` before its first fill) and ``position_in_symbol`` its
+        position in ``symbol`` (``None``: none yet), both looked up once by the caller."""
         if not self.enabled or added_qty <= 0:
             return None
         if account is None:
@@ -88,7 +103,7 @@ class MarginRiskManager:
         ordered_before = False  # in this symbol: else its exposure has no entry yet
         for sym, open_qty in trader.exposure.items():
             open_buy, open_sell = open_qty.buy, open_qty.sell
-            position = positions.get(sym)
+            position = position_in_symbol if sym == symbol else positions.get(sym)
             held = position.qty if position is not None else 0
             if sym == symbol:
                 ordered_before = True
@@ -155,26 +170,25 @@ class MarginRiskManager:
                 maintenance += size * mark * rates.maintenance
                 held += 1
         maintenance //= 10_000
-        # the slack (equity - maintenance) less 1: the cash, a bignum at realistic
-        # scales, meets the machine-int sums in this one addition, and the tests below
-        # compare with -1 and 0, small ints that need no new object in the compiled build
-        spare = account.cash + (held_value - maintenance - 1)
-        if spare < -1:  # the slack is negative
+        # the slack, equity - maintenance, is cash + slack_beyond_cash: the cash, a bignum
+        # at realistic scales, is kept out of every sum (see band_reach)
+        slack_beyond_cash = held_value - maintenance
+        cash = account.cash
+        if exceeds(-slack_beyond_cash, cash):  # the slack is negative
             watch.disarm(trader_id)
             return True
         if not held:
             watch.disarm(trader_id)
         else:
-            budget = spare * 10_000 if spare > 0 else 0
             divisor = held * (10_000 + self.maintenance_bps)
-            arming = watch.begin_arming(trader_id)
+            armed = watch.begin_arming(trader_id)
             for symbol, position in positions.items():
                 qty = position.qty
                 if qty:
                     mark = marks[symbol]
                     per_tick = (qty if qty > 0 else -qty) * all_rates[symbol].tick_value
-                    reach = budget // (divisor * per_tick)
-                    watch.add_band(symbol, trader_id, mark - reach, mark + reach, arming)
+                    reach = band_reach(cash, slack_beyond_cash - 1, divisor * per_tick)
+                    watch.add_band(symbol, trader_id, mark - reach, mark + reach, armed)
         return False
 
 
@@ -183,18 +197,31 @@ _NO_FLOOR: Final = -(1 << 62)
 _NO_CEILING: Final = (1 << 62) - 1
 
 
+class Arming:
+    """A trader's current arming number in the watch, 0 while it is disarmed: one
+    object per trader, updated in place, so that re-arming writes an attribute rather
+    than a new int into a dict."""
+
+    __slots__ = ("number",)
+
+    def __init__(self) -> None:
+        self.number = 0
+
+
 class Band:
-    """One trader's safe band in one symbol, from its arming number ``arming``."""
+    """One trader's safe band in one symbol, from its arming number ``arming``; it is
+    current while that is still ``armed.number``."""
 
-    __slots__ = ("arming", "high", "low")
+    __slots__ = ("armed", "arming", "high", "low")
 
-    def __init__(self, low: int, high: int, arming: int) -> None:
+    def __init__(self, low: int, high: int, armed: Arming, arming: int) -> None:
         self.low = low
         self.high = high
+        self.armed = armed
         self.arming = arming
 
     def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
-        return (self.low, self.high, self.arming)
+        return (self.low, self.high, self.armed, self.arming)
 
 
 class SymbolBands:
@@ -223,39 +250,43 @@ class MarginWatch:
 
     def __init__(self) -> None:
         self._bands: dict[str, SymbolBands] = {}
-        self._armed: dict[str, int] = {}  # trader -> its current arming number
+        self._armed: dict[str, Arming] = {}  # trader -> its arming, once ever armed
         self._armings = 0
 
     def arm(self, trader_id: str, bands: list[tuple[str, int, int]]) -> None:
         """Arm ``trader_id`` with ``(symbol, low edge, high edge)`` bands."""
-        arming = self.begin_arming(trader_id)
+        armed = self.begin_arming(trader_id)
         for symbol, low, high in bands:
-            self.add_band(symbol, trader_id, low, high, arming)
+            self.add_band(symbol, trader_id, low, high, armed)
 
-    def begin_arming(self, trader_id: str) -> int:
+    def begin_arming(self, trader_id: str) -> Arming:
         """A new arming of ``trader_id``; its bands follow through ``add_band``."""
+        armed = self._armed.get(trader_id)
+        if armed is None:
+            armed = self._armed[trader_id] = Arming()
         self._armings += 1
-        arming = self._armed[trader_id] = self._armings
-        return arming
+        armed.number = self._armings
+        return armed
 
-    def add_band(self, symbol: str, trader_id: str, low: int, high: int, arming: int) -> None:
+    def add_band(self, symbol: str, trader_id: str, low: int, high: int,
+                 armed: Arming) -> None:
         symbol_bands = self._bands.get(symbol)
         if symbol_bands is None:
             symbol_bands = self._bands[symbol] = SymbolBands()
         band = symbol_bands.entries.get(trader_id)
         if band is None:
-            symbol_bands.entries[trader_id] = Band(low, high, arming)
+            symbol_bands.entries[trader_id] = Band(low, high, armed, armed.number)
         else:  # re-armed: the one entry per trader and symbol is updated in place
-            band.low, band.high, band.arming = low, high, arming
+            band.low, band.high, band.arming = low, high, armed.number
         if low > symbol_bands.floor:
             symbol_bands.floor = low
         if high < symbol_bands.ceiling:
             symbol_bands.ceiling = high
 
     def disarm(self, trader_id: str) -> None:
-        armed = self._armed
-        if trader_id in armed:
-            del armed[trader_id]
+        armed = self._armed.get(trader_id)
+        if armed is not None:
+            armed.number = 0
 
     def pop_outside(self, symbol: str, mark: int) -> list[str]:
         """Disarm and return the traders whose band in ``symbol`` excludes ``mark``."""
@@ -263,15 +294,14 @@ class MarginWatch:
         if symbol_bands is None or symbol_bands.floor <= mark <= symbol_bands.ceiling:
             return []
         left: list[str] = []
-        armed = self._armed
         entries = symbol_bands.entries
         floor, ceiling = _NO_FLOOR, _NO_CEILING
         for trader_id, band in list(entries.items()):
-            if armed.get(trader_id) != band.arming:
+            if band.armed.number != band.arming:
                 del entries[trader_id]  # disarmed, or re-armed without this symbol
             elif band.low > mark or band.high < mark:
                 del entries[trader_id]
-                del armed[trader_id]
+                band.armed.number = 0
                 left.append(trader_id)
             else:
                 if band.low > floor:

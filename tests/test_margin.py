@@ -11,7 +11,7 @@ import random
 from unittest.mock import ANY
 
 from config import MONEY_SCALE
-from margin_risk_manager import MarginWatch, exceeds
+from margin_risk_manager import MarginWatch, band_reach, exceeds
 from models import (
     AmendOrder,
     AmendRejected,
@@ -274,3 +274,19 @@ def test_compare_an_amount_with_the_cash_exactly_either_side_of_machine_ints() -
     for amount in values:
         for cash in values:
             assert exceeds(amount, cash) is (amount > cash), (amount, cash)
+
+
+def test_band_reach_is_the_spare_over_the_per_tick_cost_exactly() -> None:
+    """``band_reach`` splits the bignum cash off the division; it must still be
+    ``max(cash + spare_beyond_cash, 0) * 10_000 // per_tick_cost`` exactly, for a cash
+    either side of machine ints and a spare of -1, 0 and beyond."""
+    rng = random.Random(11)
+    for _ in range(20_000):
+        cash = rng.choice([0, 1, 10**20, (1 << 62) - 1, 1 << 62, 1 << 70, -(1 << 63)]) \
+            + rng.randint(-10**6, 10**6)
+        per_tick_cost = rng.choice([1, 7, 10_500, 10**10, (1 << 62) + 3]) \
+            * rng.randint(1, 1_000)
+        spare = rng.choice([-1, 0, 1, 2, rng.randint(3, 10**25)])
+        expected = max(spare, 0) * 10_000 // per_tick_cost
+        assert band_reach(cash, spare - cash, per_tick_cost) == expected, \
+            (cash, spare, per_tick_cost)
