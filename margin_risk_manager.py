@@ -26,6 +26,9 @@ from risk_manager import Reject, TraderState
 # (1e12 currency is 1e20 units) is not, and so exceeds any such amount
 _MACHINE_INT_MAX: Final = (1 << 62) - 1
 _BEYOND_MACHINE_INTS: Final = 1 << 62
+# What a cash beyond machine ints, less a slack beyond the cash no lower than minus this,
+# leaves at least (see band_reach)
+_SPARE_FLOOR: Final = 1 << 61
 
 
 def exceeds(amount: int, cash: int) -> bool:
@@ -38,13 +41,21 @@ def exceeds(amount: int, cash: int) -> bool:
 
 
 def band_reach(cash: int, spare_beyond_cash: int, per_tick_cost: int) -> int:
-    """``max(spare, 0) * 10_000 // per_tick_cost``, the ticks a band reaches either side
-    of the mark, where ``spare = cash + spare_beyond_cash`` is at least -1.
+    """The ticks a safe band reaches either side of the mark: never more than
+    ``max(spare, 0) * 10_000 // per_tick_cost``, where ``spare = cash +
+    spare_beyond_cash`` is at least -1, and exactly that while the cash is a machine int.
 
-    With the cash a bignum, the product and the quotient would each be a new bignum;
-    dividing the cash alone is one bignum operation, and since ``q * per_tick_cost``
-    divides exactly, the rest is machine ints:
-    ``(q * d + r + s) * 10_000 // d == q * 10_000 + (r + s) * 10_000 // d``."""
+    A band narrower than the slack allows changes no outcome: the watch re-checks the
+    trader sooner, a trader inside any band of its slack cannot be in breach, and the
+    engine checks candidates in trader-id order. So a cash beyond machine ints, where
+    the exact reach would cost bignum divisions on every check, counts as a spare of
+    just ``2**61`` (it is at least that while ``spare_beyond_cash >= -2**61``): still
+    millions of ticks at any realistic position, in machine ints. ``per_tick_cost``
+    includes the factor ``10_000 + maintenance_bps``, so the result stays below 2**61."""
+    if cash >= _BEYOND_MACHINE_INTS and spare_beyond_cash >= -_SPARE_FLOOR:
+        return _SPARE_FLOOR // per_tick_cost * 10_000
+    # the cash divided alone, so that no product outgrows machine ints:
+    # (q * d + r + s) * 10_000 // d == q * 10_000 + (r + s) * 10_000 // d
     whole, rest = divmod(cash, per_tick_cost)
     reach = whole * 10_000 + (rest + spare_beyond_cash) * 10_000 // per_tick_cost
     return reach if reach > 0 else 0  # a spare of -1 or 0 leaves no reach
@@ -171,7 +182,7 @@ class MarginRiskManager:
                 held += 1
         maintenance //= 10_000
         # the slack, equity - maintenance, is cash + slack_beyond_cash: the cash, a bignum
-        # at realistic scales, is kept out of every sum (see band_reach)
+        # at realistic scales, is kept out of every sum
         slack_beyond_cash = held_value - maintenance
         cash = account.cash
         if exceeds(-slack_beyond_cash, cash):  # the slack is negative

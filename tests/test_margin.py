@@ -276,17 +276,40 @@ def test_compare_an_amount_with_the_cash_exactly_either_side_of_machine_ints() -
             assert exceeds(amount, cash) is (amount > cash), (amount, cash)
 
 
-def test_band_reach_is_the_spare_over_the_per_tick_cost_exactly() -> None:
-    """``band_reach`` splits the bignum cash off the division; it must still be
+def _exact_reach(spare: int, per_tick_cost: int) -> int:
+    return max(spare, 0) * 10_000 // per_tick_cost
+
+
+def test_band_reach_is_the_spare_over_the_per_tick_cost_exactly_for_machine_int_cash() -> None:
+    """``band_reach`` splits the cash off the division; it must still be
     ``max(cash + spare_beyond_cash, 0) * 10_000 // per_tick_cost`` exactly, for a cash
-    either side of machine ints and a spare of -1, 0 and beyond."""
+    up to the edge of machine ints and a spare of -1, 0 and beyond."""
     rng = random.Random(11)
     for _ in range(20_000):
-        cash = rng.choice([0, 1, 10**20, (1 << 62) - 1, 1 << 62, 1 << 70, -(1 << 63)]) \
+        cash = rng.choice([0, 1, 10**15, (1 << 62) - 1, -(1 << 62)]) \
             + rng.randint(-10**6, 10**6)
+        cash = min(cash, (1 << 62) - 1)
         per_tick_cost = rng.choice([1, 7, 10_500, 10**10, (1 << 62) + 3]) \
             * rng.randint(1, 1_000)
         spare = rng.choice([-1, 0, 1, 2, rng.randint(3, 10**25)])
-        expected = max(spare, 0) * 10_000 // per_tick_cost
-        assert band_reach(cash, spare - cash, per_tick_cost) == expected, \
-            (cash, spare, per_tick_cost)
+        assert band_reach(cash, spare - cash, per_tick_cost) == \
+            _exact_reach(spare, per_tick_cost), (cash, spare, per_tick_cost)
+
+
+def test_band_reach_for_bignum_cash_is_a_wide_lower_bound_in_machine_ints() -> None:
+    """Beyond machine ints the reach may be narrower than exact (only ever narrower,
+    which is safe), stays a machine int while the slack leaves at least 2**61 spare, and
+    still spans a million ticks for a
+    position of 1,000 lots at a tick value of 10**6 units."""
+    rng = random.Random(12)
+    realistic = (10_000 + 50) * 1_000 * 10**6
+    assert band_reach(10**20, 0, realistic) >= 1_000_000
+    for _ in range(20_000):
+        cash = rng.choice([1 << 62, 10**20, 1 << 70, 10**30]) + rng.randint(0, 10**6)
+        per_tick_cost = (10_000 + rng.choice([0, 50, 2_500])) * rng.choice(
+            [1, 1_000, 10**6, 10**12, 10**20])
+        spare = rng.choice([-1, 0, 1, 1 << 61, cash // 2, cash, cash + 10**9])
+        reach = band_reach(cash, spare - cash, per_tick_cost)
+        assert 0 <= reach <= _exact_reach(spare, per_tick_cost), (cash, spare, per_tick_cost)
+        if spare - cash >= -(1 << 61):  # else the spare is exact, and may be a bignum
+            assert reach < 1 << 61, (cash, spare, per_tick_cost)
