@@ -99,9 +99,12 @@ EXCHANGE_VARIANTS: dict[str, list[str]] = {
     "flush-every": ["--journal-flush", "every"],
 }
 WIDTH = len("exchange/flush-interval")
-# issue target: batched journaling costs at most this share of the no-journal throughput
+# issue target: journaling "in small batches with a bound" costs at most this share of
+# the no-journal throughput. That is the interval policy (acked after the write, fsynced
+# within the bound); the default group commit holds every reply for its fsync, which is
+# measured and stated like the per-input flush.
 TARGET_JOURNAL_COST = 0.15
-BATCHED = ("default", "flush-interval")  # the two batched flush policies
+BOUNDED_BATCHES = "flush-interval"
 DURABLE = ("default", "flush-every")  # replies wait for an fsync
 COMMIT_PROBES = 2000
 
@@ -464,9 +467,8 @@ def print_journal_cost(exchanges: list[str], ratios: dict[tuple[str, int], list[
         per_round = [a / b for a, b in zip(ratios[(name, top)], ratios[(base, top)],
                                                  strict=True)]
         cost = 1 - median(per_round)
-        batched = name in (variant_label(v) for v in BATCHED)
         target = (f"<= {TARGET_JOURNAL_COST:.0%}  {verdict(cost <= TARGET_JOURNAL_COST)}"
-                  if batched else "(measured and stated)")
+                  if name == variant_label(BOUNDED_BATCHES) else "(measured and stated)")
         print(f"  {name}: {median(per_round):.2f}x no-journal, cost {cost:.0%} {target}")
 
 
