@@ -18,7 +18,7 @@ from collections import ChainMap, deque
 from typing import Any, Final
 
 from config import ExchangeConfig, InstrumentConfig
-from margin_risk_manager import MarginRiskManager
+from margin_risk_manager import MarginRiskManager, SymbolRates
 from models import (
     AmendOrder,
     AmendRejected,
@@ -121,7 +121,7 @@ class Market:
     the market is open, the price band and the fee rates with one lookup by symbol
     instead of one per item."""
 
-    __slots__ = ("band_bps", "band_centre", "book", "is_open", "maker_rate",
+    __slots__ = ("band_bps", "band_centre", "book", "is_open", "maker_rate", "margin_rates",
                  "reference_price", "stops", "symbol", "taker_rate", "tick_value")
 
     def __init__(self, instrument: InstrumentConfig, maker_ppm: int, taker_ppm: int,
@@ -139,6 +139,7 @@ class Market:
         self.tick_value = tick_value = instrument.tick_value  # money units per tick x lot
         self.maker_rate = tick_value * maker_ppm
         self.taker_rate = tick_value * taker_ppm
+        self.margin_rates: SymbolRates | None = None  # the margin's, from its first check
 
     def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (InstrumentConfig(symbol=self.symbol), 0, 0, {})
@@ -402,8 +403,15 @@ class Engine(MatchSink):
             return reject
         margin = self.margin
         if margin.enabled:
-            reject = margin.check_order(trader, symbol, is_buy, qty, self.marks(), account,
-                                        position)
+            # once every symbol has traded, a mark is its market's band centre, the last
+            # trade: no lookup by symbol
+            marks = self.marks()
+            rates = market.margin_rates
+            if rates is None:  # the market's first margin check
+                rates = market.margin_rates = margin.rates(symbol)
+            reject = margin.check_exposure(
+                trader, symbol, is_buy, qty, marks, account, position, exposure,
+                market.band_centre if self._all_traded else marks[symbol], rates)
             if reject is not None:
                 return reject
         if cmd.post_only and market.book.would_cross(is_buy, price):
