@@ -196,6 +196,9 @@ class MarginRiskManager:
         held_value = 0  # the positions valued at the marks
         maintenance = 0  # their notional times maintenance_bps
         held = 0
+        # the last held position's symbol, mark, size and tick value: an account holding
+        # one, the common case, is armed from them without a second pass
+        held_symbol, held_mark, held_size, held_tick_value = "", 0, 0, 0
         positions = account.positions
         for symbol, position in positions.items():
             qty = position.qty
@@ -203,12 +206,15 @@ class MarginRiskManager:
                 mark = marks[symbol]
                 rates = all_rates[symbol]
                 size = qty if qty > 0 else -qty
+                tick_value = rates.tick_value
                 if qty > 0:
-                    held_value += size * mark * rates.tick_value
+                    held_value += size * mark * tick_value
                 else:
-                    held_value -= size * mark * rates.tick_value
+                    held_value -= size * mark * tick_value
                 maintenance += size * mark * rates.maintenance
                 held += 1
+                held_symbol, held_mark, held_size, held_tick_value = \
+                    symbol, mark, size, tick_value
         maintenance //= 10_000
         # the slack, equity - maintenance, is cash + slack_beyond_cash: the cash, a bignum
         # at realistic scales, is kept out of every sum
@@ -221,7 +227,17 @@ class MarginRiskManager:
             watch.disarm(trader_id)
         else:
             divisor = held * (10_000 + self.maintenance_bps)
-            armed = watch.begin_arming(trader_id)
+            armed = trader.arming
+            if armed is None:  # its first arming: kept on the trader from here on
+                armed = trader.arming = watch.begin_arming(trader_id)
+            else:
+                watch.arm_again(armed)
+            if held == 1:
+                reach = band_reach(cash, slack_beyond_cash - 1,
+                                   divisor * (held_size * held_tick_value))
+                watch.add_band(held_symbol, trader_id, held_mark - reach, held_mark + reach,
+                               armed)
+                return False
             for symbol, position in positions.items():
                 qty = position.qty
                 if qty:
@@ -307,6 +323,11 @@ class MarginWatch:
         self._armings += 1
         armed.number = self._armings
         return armed
+
+    def arm_again(self, armed: Arming) -> None:
+        """``begin_arming`` for a caller that holds the trader's ``Arming``."""
+        self._armings += 1
+        armed.number = self._armings
 
     def add_band(self, symbol: str, trader_id: str, low: int, high: int,
                  armed: Arming) -> None:

@@ -14,6 +14,7 @@ from config import RiskConfig
 from models import RejectCode, TraderStatus
 
 if TYPE_CHECKING:
+    from margin_risk_manager import Arming
     from orderbook import Order
     from positions import Account
 
@@ -49,8 +50,8 @@ class OpenQty:
 class TraderState:
     """What the engine tracks per trader besides accounting."""
 
-    __slots__ = ("account", "exposure", "live_orders", "rate_counted", "rate_last",
-                 "rate_tokens", "status", "trader_id")
+    __slots__ = ("account", "arming", "exposure", "live_orders", "rate_counted",
+                 "rate_last", "rate_tokens", "status", "trader_id")
 
     def __init__(self, trader_id: str, burst: int) -> None:
         self.trader_id = trader_id
@@ -66,6 +67,9 @@ class TraderState:
         # the trader's ledger account once its first fill opened one: held here so the
         # hot path does not look it up by trader id
         self.account: Account | None = None
+        # its arming in the margin watch once a margin check armed it: held here so that
+        # re-arming does not look it up by trader id
+        self.arming: Arming | None = None
 
     def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (self.trader_id, 0)
