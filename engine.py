@@ -782,6 +782,16 @@ class Engine(MatchSink):
         for symbol in moved:
             for trader_id in watch.pop_outside(symbol, marks[symbol]):
                 candidates[trader_id] = None
+        # a check that passes changes nothing but the trader's arming, which its next
+        # check redoes: until one fails, the order cannot matter, so the trader-id order
+        # (sorting costs more than a check) is only needed from a failure on, and then
+        # the checks are run again in it
+        if not self._liquidating:
+            for trader_id in candidates:
+                if margin.in_breach(traders[trader_id], marks):
+                    break
+            else:
+                return
         for trader_id in sorted(candidates):
             trader = traders[trader_id]
             if trader.status is _LIQUIDATING:
