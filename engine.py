@@ -772,7 +772,8 @@ class Engine(MatchSink):
     def _check_margins(self, moved: dict[str, None]) -> None:
         """Check the traders a price move or a fill may have put below maintenance: those
         whose safe band the new mark left, those whose account changed, and those still
-        being liquidated. In trader-id order, so the outcome never depends on history."""
+        being liquidated. The outcome is that of checking them in trader-id order, so it
+        never depends on history."""
         marks = self.marks()
         candidates = self._margin_dirty
         self._margin_dirty = {}
