@@ -395,7 +395,10 @@ class Engine(MatchSink):
             return (RejectCode.DUPLICATE_CLIENT_ORDER_ID,
                     f"client_order_id {cmd.client_order_id!r} is already live")
         account = trader.account  # serves the position limit and the margin check
-        position = account.positions.get(symbol) if account is not None else None
+        # the position as the trader's open quantity holds it once a fill opened it
+        position = exposure.position if exposure is not None else None
+        if position is None and account is not None:
+            position = account.positions.get(symbol)
         reject = self.risk.check_new_order(
             trader, self._ts, symbol, exposure, is_buy, qty, position.qty if position else 0,
             price if order_type is _LIMIT else None, market.band_centre, market.band_bps)
@@ -538,8 +541,12 @@ class Engine(MatchSink):
         trader_id = order.trader_id
         symbol = order.symbol
         account = trader.account or self._open_account(trader)
-        position = self.ledger.book_fill(account, symbol, tick_value, is_buy, price, qty, fee)
-        trader.exposure[symbol].add(is_buy, -qty)
+        open_qty = trader.exposure[symbol]
+        position = open_qty.position
+        if position is None:  # the first fill in the symbol: held from here on
+            position = open_qty.position = account.position(symbol)
+        self.ledger.book_position_fill(account, position, tick_value, is_buy, price, qty, fee)
+        open_qty.add(is_buy, -qty)
         self._events.append(PositionChanged(self._ts, trader_id, symbol, position.qty,
                                             position.open_cost, account.cash,
                                             position.realized, position.fees))

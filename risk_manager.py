@@ -16,7 +16,7 @@ from models import RejectCode, TraderStatus
 if TYPE_CHECKING:
     from margin_risk_manager import Arming
     from orderbook import Order
-    from positions import Account
+    from positions import Account, Position
 
 Reject = tuple[RejectCode, str]
 
@@ -28,11 +28,14 @@ class OpenQty:
     add to the position. Two native ints: a ``[buy, sell]`` list held boxed ints, and
     every update went through generic in-place arithmetic in the compiled build."""
 
-    __slots__ = ("buy", "sell")
+    __slots__ = ("buy", "position", "sell")
 
     def __init__(self, buy: int = 0, sell: int = 0) -> None:
         self.buy = buy
         self.sell = sell
+        # the trader's position in the symbol, its ledger account's, once a fill opened
+        # one: held here so the hot path does not look it up by symbol in the account
+        self.position: Position | None = None
 
     def add(self, is_buy: bool, qty: int) -> None:
         if is_buy:
