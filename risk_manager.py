@@ -121,10 +121,12 @@ class RiskManager:
         elif ts > rate_ts:
             # A bucket that the time elapsed refills to the brim is the common case;
             # testing it by division keeps a large refill rate out of the product
-            # (a factor past 2**30 leaves mypyc's machine-int multiply).
+            # (a factor past 2**30 leaves mypyc's machine-int multiply), and at least one
+            # microsecond has elapsed, so a room within one microsecond's refill needs
+            # no division at all.
             elapsed, refill = ts - rate_ts, self._refill_per_us
             room = self._capacity - tokens
-            if refill > 0 and elapsed >= -(-room // refill):  # elapsed * refill >= room
+            if room <= refill or (refill > 0 and elapsed >= -(-room // refill)):
                 tokens = self._capacity
             else:
                 tokens += elapsed * refill
