@@ -18,7 +18,7 @@ from collections import ChainMap, deque
 from typing import Any, Final
 
 from config import ExchangeConfig, InstrumentConfig
-from margin_risk_manager import MarginRiskManager
+from margin_risk_manager import MarginRiskManager, SymbolRates
 from models import (
     AmendOrder,
     AmendRejected,
@@ -121,7 +121,7 @@ class Market:
     the market is open, the price band and the fee rates with one lookup by symbol
     instead of one per item."""
 
-    __slots__ = ("band_bps", "band_centre", "book", "is_open", "maker_rate",
+    __slots__ = ("band_bps", "band_centre", "book", "is_open", "maker_rate", "margin_rates",
                  "reference_price", "stops", "symbol", "taker_rate", "tick_value")
 
     def __init__(self, instrument: InstrumentConfig, maker_ppm: int, taker_ppm: int,
@@ -139,6 +139,7 @@ class Market:
         self.tick_value = tick_value = instrument.tick_value  # money units per tick x lot
         self.maker_rate = tick_value * maker_ppm
         self.taker_rate = tick_value * taker_ppm
+        self.margin_rates: SymbolRates | None = None  # the margin's, from its first check
 
     def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (InstrumentConfig(symbol=self.symbol), 0, 0, {})
@@ -394,7 +395,10 @@ class Engine(MatchSink):
             return (RejectCode.DUPLICATE_CLIENT_ORDER_ID,
                     f"client_order_id {cmd.client_order_id!r} is already live")
         account = trader.account  # serves the position limit and the margin check
-        position = account.positions.get(symbol) if account is not None else None
+        # the position as the trader's open quantity holds it once a fill opened it
+        position = exposure.position if exposure is not None else None
+        if position is None and account is not None:
+            position = account.positions.get(symbol)
         reject = self.risk.check_new_order(
             trader, self._ts, symbol, exposure, is_buy, qty, position.qty if position else 0,
             price if order_type is _LIMIT else None, market.band_centre, market.band_bps)
@@ -402,8 +406,15 @@ class Engine(MatchSink):
             return reject
         margin = self.margin
         if margin.enabled:
-            reject = margin.check_order(trader, symbol, is_buy, qty, self.marks(), account,
-                                        position)
+            # once every symbol has traded, a mark is its market's band centre, the last
+            # trade: no lookup by symbol
+            marks = self.marks()
+            rates = market.margin_rates
+            if rates is None:  # the market's first margin check
+                rates = market.margin_rates = margin.rates(symbol)
+            reject = margin.check_exposure(
+                trader, symbol, is_buy, qty, marks, account, position, exposure,
+                market.band_centre if self._all_traded else marks[symbol], rates)
             if reject is not None:
                 return reject
         if cmd.post_only and market.book.would_cross(is_buy, price):
@@ -530,8 +541,12 @@ class Engine(MatchSink):
         trader_id = order.trader_id
         symbol = order.symbol
         account = trader.account or self._open_account(trader)
-        position = self.ledger.book_fill(account, symbol, tick_value, is_buy, price, qty, fee)
-        trader.exposure[symbol].add(is_buy, -qty)
+        open_qty = trader.exposure[symbol]
+        position = open_qty.position
+        if position is None:  # the first fill in the symbol: held from here on
+            position = open_qty.position = account.position(symbol)
+        self.ledger.book_position_fill(account, position, tick_value, is_buy, price, qty, fee)
+        open_qty.add(is_buy, -qty)
         self._events.append(PositionChanged(self._ts, trader_id, symbol, position.qty,
                                             position.open_cost, account.cash,
                                             position.realized, position.fees))
@@ -764,7 +779,8 @@ class Engine(MatchSink):
     def _check_margins(self, moved: dict[str, None]) -> None:
         """Check the traders a price move or a fill may have put below maintenance: those
         whose safe band the new mark left, those whose account changed, and those still
-        being liquidated. In trader-id order, so the outcome never depends on history."""
+        being liquidated. The outcome is that of checking them in trader-id order, so it
+        never depends on history."""
         marks = self.marks()
         candidates = self._margin_dirty
         self._margin_dirty = {}
@@ -774,6 +790,16 @@ class Engine(MatchSink):
         for symbol in moved:
             for trader_id in watch.pop_outside(symbol, marks[symbol]):
                 candidates[trader_id] = None
+        # a check that passes changes nothing but the trader's arming, which its next
+        # check redoes: until one fails, the order cannot matter, so the trader-id order
+        # (sorting costs more than a check) is only needed from a failure on, and then
+        # the checks are run again in it
+        if not self._liquidating:
+            for trader_id in candidates:
+                if margin.in_breach(traders[trader_id], marks):
+                    break
+            else:
+                return
         for trader_id in sorted(candidates):
             trader = traders[trader_id]
             if trader.status is _LIQUIDATING:

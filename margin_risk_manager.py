@@ -20,7 +20,7 @@ from typing import Any, Final
 from config import MONEY_SCALE, MarginConfig
 from models import RejectCode
 from positions import Account, Ledger, Position
-from risk_manager import Reject, TraderState
+from risk_manager import OpenQty, Reject, TraderState
 
 # A machine int in the compiled build is below 2**62; a cash balance at realistic scales
 # (1e12 currency is 1e20 units) is not, and so exceeds any such amount
@@ -61,6 +61,23 @@ def band_reach(cash: int, spare_beyond_cash: int, per_tick_cost: int) -> int:
     return reach if reach > 0 else 0  # a spare of -1 or 0 leaves no reach
 
 
+def symbol_margin(held: int, open_buy: int, open_sell: int, mark: int,
+                  rates: SymbolRates) -> tuple[int, int]:
+    """One symbol's share of the initial margin check: the position ``held`` valued at
+    ``mark``, and the worst case (every open buy filling, or every open sell) valued
+    there times ``initial_bps``. (A tuple of ints is a C struct in the compiled build,
+    not an object.)"""
+    if held > 0:
+        value = held * mark * rates.tick_value
+    elif held < 0:
+        value = -(-held * mark * rates.tick_value)
+    else:
+        value = 0
+    long_worst, short_worst = held + open_buy, open_sell - held  # neither below 0
+    return value, (long_worst if long_worst > short_worst else short_worst) * mark \
+        * rates.initial
+
+
 class SymbolRates:
     """One symbol's factors in the margin sums, found with one lookup: money units per
     lot and tick, and that times the initial and the maintenance bps."""
@@ -92,6 +109,10 @@ class MarginRiskManager:
     def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (MarginConfig(), self.ledger)
 
+    def rates(self, symbol: str) -> SymbolRates:
+        """``symbol``'s factors in the margin sums (the engine keeps them on its market)."""
+        return self._rates[symbol]
+
     def check_order(self, trader: TraderState, symbol: str, is_buy: bool, added_qty: int,
                     marks: dict[str, int], account: Account | None,
                     position_in_symbol: Position | None) -> Reject | None:
@@ -101,38 +122,46 @@ class MarginRiskManager:
         position in ``symbol`` (``None``: none yet), both looked up once by the caller."""
         if not self.enabled or added_qty <= 0:
             return None
+        return self.check_exposure(trader, symbol, is_buy, added_qty, marks, account,
+                                   position_in_symbol, trader.exposure.get(symbol),
+                                   marks[symbol], self._rates[symbol])
+
+    def check_exposure(self, trader: TraderState, symbol: str, is_buy: bool,
+                       added_qty: int, marks: dict[str, int], account: Account | None,
+                       position_in_symbol: Position | None, open_in_symbol: OpenQty | None,
+                       mark: int, rates: SymbolRates) -> Reject | None:
+        """``check_order`` for a caller that also holds the trader's open quantity in
+        ``symbol`` (``None``: no entry yet), its mark and its rates: a trader ordering in
+        one symbol only, the common case, then costs no lookup by symbol at all."""
+        if not self.enabled or added_qty <= 0:
+            return None
         if account is None:
             positions: dict[str, Position] = {}
             cash = self.ledger.initial_cash
         else:
             positions, cash = account.positions, account.cash
-        all_rates = self._rates
-        held_value = 0  # the positions valued at the marks
-        worst_margin = 0  # the worst-case value times initial_bps
+        open_buy, open_sell = (0, 0) if open_in_symbol is None else (
+            open_in_symbol.buy, open_in_symbol.sell)
+        if is_buy:
+            open_buy += added_qty
+        else:
+            open_sell += added_qty
+        held = position_in_symbol.qty if position_in_symbol is not None else 0
+        # the positions valued at the marks, and the worst-case value times initial_bps
+        held_value, worst_margin = symbol_margin(held, open_buy, open_sell, mark, rates)
         # exposure has an entry for every symbol the trader ever ordered in, so for every
-        # symbol it can hold: one pass covers the whole account
-        ordered_before = False  # in this symbol: else its exposure has no entry yet
-        for sym, open_qty in trader.exposure.items():
-            open_buy, open_sell = open_qty.buy, open_qty.sell
-            position = position_in_symbol if sym == symbol else positions.get(sym)
-            held = position.qty if position is not None else 0
-            if sym == symbol:
-                ordered_before = True
-                if is_buy:
-                    open_buy += added_qty
-                else:
-                    open_sell += added_qty
-            mark = marks[sym]
-            rates = all_rates[sym]
-            if held > 0:
-                held_value += held * mark * rates.tick_value
-            elif held < 0:
-                held_value -= -held * mark * rates.tick_value
-            long_worst, short_worst = held + open_buy, open_sell - held  # neither below 0
-            worst_margin += (long_worst if long_worst > short_worst else short_worst) * mark \
-                * rates.initial
-        if not ordered_before:
-            worst_margin += added_qty * marks[symbol] * all_rates[symbol].initial
+        # symbol it can hold: those besides ``symbol`` cover the rest of the account
+        exposure = trader.exposure
+        if len(exposure) > (0 if open_in_symbol is None else 1):
+            all_rates = self._rates
+            for sym, open_qty in exposure.items():
+                if sym != symbol:
+                    position = positions.get(sym)
+                    value, margin = symbol_margin(
+                        position.qty if position is not None else 0, open_qty.buy,
+                        open_qty.sell, marks[sym], all_rates[sym])
+                    held_value += value
+                    worst_margin += margin
         required = worst_margin // 10_000
         if exceeds(required - held_value, cash):  # more than the equity, cash + held_value
             return (RejectCode.RISK_INSUFFICIENT_MARGIN,
@@ -167,6 +196,9 @@ class MarginRiskManager:
         held_value = 0  # the positions valued at the marks
         maintenance = 0  # their notional times maintenance_bps
         held = 0
+        # the last held position's symbol, mark, size and tick value: an account holding
+        # one, the common case, is armed from them without a second pass
+        held_symbol, held_mark, held_size, held_tick_value = "", 0, 0, 0
         positions = account.positions
         for symbol, position in positions.items():
             qty = position.qty
@@ -174,12 +206,15 @@ class MarginRiskManager:
                 mark = marks[symbol]
                 rates = all_rates[symbol]
                 size = qty if qty > 0 else -qty
+                tick_value = rates.tick_value
                 if qty > 0:
-                    held_value += size * mark * rates.tick_value
+                    held_value += size * mark * tick_value
                 else:
-                    held_value -= size * mark * rates.tick_value
+                    held_value -= size * mark * tick_value
                 maintenance += size * mark * rates.maintenance
                 held += 1
+                held_symbol, held_mark, held_size, held_tick_value = \
+                    symbol, mark, size, tick_value
         maintenance //= 10_000
         # the slack, equity - maintenance, is cash + slack_beyond_cash: the cash, a bignum
         # at realistic scales, is kept out of every sum
@@ -192,7 +227,17 @@ class MarginRiskManager:
             watch.disarm(trader_id)
         else:
             divisor = held * (10_000 + self.maintenance_bps)
-            armed = watch.begin_arming(trader_id)
+            armed = trader.arming
+            if armed is None:  # its first arming: kept on the trader from here on
+                armed = trader.arming = watch.begin_arming(trader_id)
+            else:
+                watch.arm_again(armed)
+            if held == 1:
+                reach = band_reach(cash, slack_beyond_cash - 1,
+                                   divisor * (held_size * held_tick_value))
+                watch.add_band(held_symbol, trader_id, held_mark - reach, held_mark + reach,
+                               armed)
+                return False
             for symbol, position in positions.items():
                 qty = position.qty
                 if qty:
@@ -278,6 +323,11 @@ class MarginWatch:
         self._armings += 1
         armed.number = self._armings
         return armed
+
+    def arm_again(self, armed: Arming) -> None:
+        """``begin_arming`` for a caller that holds the trader's ``Arming``."""
+        self._armings += 1
+        armed.number = self._armings
 
     def add_band(self, symbol: str, trader_id: str, low: int, high: int,
                  armed: Arming) -> None:

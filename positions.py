@@ -105,9 +105,16 @@ class Ledger:
     def book_fill(self, account: Account, symbol: str, tick_value: int, is_buy: bool,
                   price: int, qty: int, fee: int) -> Position:
         """``apply_fill`` for a caller that already holds the account and the symbol's
-        tick value (the engine's hot path, which also reads the account's cash for the
+        tick value."""
+        position = account.position(symbol)
+        self.book_position_fill(account, position, tick_value, is_buy, price, qty, fee)
+        return position
+
+    def book_position_fill(self, account: Account, position: Position, tick_value: int,
+                           is_buy: bool, price: int, qty: int, fee: int) -> None:
+        """``book_fill`` for a caller that also holds the account's position in the
+        symbol (the engine's hot path, which also reads the account's cash for the
         position report)."""
-        position = account.positions.get(symbol) or account.position(symbol)
         # Products of non-negative factors below 2**30 stay in machine ints under mypyc
         # (native_core.py); a negative or larger factor takes its bignum path. So the
         # sign is applied by adding or subtracting, never by multiplying.
@@ -143,7 +150,6 @@ class Ledger:
             position.qty = held + qty if is_buy else held - qty
             if remaining:
                 position.open_cost = remaining * price if is_buy else -(remaining * price)
-        return position
 
     def equity(self, trader_id: str, marks: dict[str, int]) -> int:
         account = self.view(trader_id)

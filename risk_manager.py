@@ -14,8 +14,9 @@ from config import RiskConfig
 from models import RejectCode, TraderStatus
 
 if TYPE_CHECKING:
+    from margin_risk_manager import Arming
     from orderbook import Order
-    from positions import Account
+    from positions import Account, Position
 
 Reject = tuple[RejectCode, str]
 
@@ -27,11 +28,14 @@ class OpenQty:
     add to the position. Two native ints: a ``[buy, sell]`` list held boxed ints, and
     every update went through generic in-place arithmetic in the compiled build."""
 
-    __slots__ = ("buy", "sell")
+    __slots__ = ("buy", "position", "sell")
 
     def __init__(self, buy: int = 0, sell: int = 0) -> None:
         self.buy = buy
         self.sell = sell
+        # the trader's position in the symbol, its ledger account's, once a fill opened
+        # one: held here so the hot path does not look it up by symbol in the account
+        self.position: Position | None = None
 
     def add(self, is_buy: bool, qty: int) -> None:
         if is_buy:
@@ -49,8 +53,8 @@ class OpenQty:
 class TraderState:
     """What the engine tracks per trader besides accounting."""
 
-    __slots__ = ("account", "exposure", "live_orders", "rate_counted", "rate_last",
-                 "rate_tokens", "status", "trader_id")
+    __slots__ = ("account", "arming", "exposure", "live_orders", "rate_counted",
+                 "rate_last", "rate_tokens", "status", "trader_id")
 
     def __init__(self, trader_id: str, burst: int) -> None:
         self.trader_id = trader_id
@@ -66,6 +70,9 @@ class TraderState:
         # the trader's ledger account once its first fill opened one: held here so the
         # hot path does not look it up by trader id
         self.account: Account | None = None
+        # its arming in the margin watch once a margin check armed it: held here so that
+        # re-arming does not look it up by trader id
+        self.arming: Arming | None = None
 
     def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (self.trader_id, 0)
@@ -114,10 +121,12 @@ class RiskManager:
         elif ts > rate_ts:
             # A bucket that the time elapsed refills to the brim is the common case;
             # testing it by division keeps a large refill rate out of the product
-            # (a factor past 2**30 leaves mypyc's machine-int multiply).
+            # (a factor past 2**30 leaves mypyc's machine-int multiply), and at least one
+            # microsecond has elapsed, so a room within one microsecond's refill needs
+            # no division at all.
             elapsed, refill = ts - rate_ts, self._refill_per_us
             room = self._capacity - tokens
-            if refill > 0 and elapsed >= -(-room // refill):  # elapsed * refill >= room
+            if room <= refill or (refill > 0 and elapsed >= -(-room // refill)):
                 tokens = self._capacity
             else:
                 tokens += elapsed * refill

@@ -164,6 +164,24 @@ def test_liquidate_when_a_mark_move_takes_equity_below_maintenance() -> None:
     assert h.live_ids("L") == []
 
 
+def test_liquidate_in_trader_id_order_when_one_print_breaches_several() -> None:
+    """The checks after a match may run in any order until one fails; from there the
+    liquidations must still follow the trader ids. L2 went long first, so its band
+    comes first in the watch, and a print at 9400 breaches both longs."""
+    h = margin_harness()
+    h.send_all([limit("M1", "m1", SELL, 100, 10_000), limit("M2", "m2", SELL, 100, 10_000),
+                limit("L2", "l2", BUY, 100, 10_000), limit("L1", "l1", BUY, 100, 10_000),
+                limit("B1", "b1", BUY, 1, 9_400), limit("B2", "b2", BUY, 100, 9_300),
+                limit("B3", "b3", BUY, 100, 9_300)])
+    events = h.send(limit("S", "s1", SELL, 1, 9_400))
+    margin_calls = [e.trader_id for e in of_type(events, TraderStatusChanged)
+                    if e.status is TraderStatus.MARGIN_CALL]
+    assert margin_calls == ["L1", "L2"]
+    assert [(t.sell_trader, t.price, t.liquidation) for t in of_type(events, Trade)] \
+        == [("S", 9_400, False), ("L1", 9_300, True), ("L2", 9_300, True)]
+    assert h.engine.trader_status("L1") is h.engine.trader_status("L2") is TraderStatus.OK
+
+
 def test_buy_back_a_short_when_a_rally_breaches_maintenance() -> None:
     h = margin_harness()
     h.send_all([limit("M", "m1", BUY, 100, 10_000), limit("L", "l1", SELL, 100, 10_000),

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from config import MONEY_SCALE
+from engine import Engine
 from models import BookAction, BookChanged, PositionChanged, Trade
 from positions import Ledger, PositionReport, to_currency
 from tests.conftest import (
+    ALT,
     BUY,
     INITIAL_CASH,
     SELL,
@@ -20,6 +24,7 @@ from tests.conftest import (
     of_type,
     position,
     trade,
+    two_symbol_config,
 )
 
 START = 1_000 * MONEY_SCALE
@@ -239,3 +244,37 @@ def test_rank_the_leaderboard_by_equity_when_traders_have_pnl(h: Harness) -> Non
         ("t", 2, INITIAL_CASH + 200 * TV), ("x", -1, INITIAL_CASH), ("y", 1, INITIAL_CASH),
         ("m", -2, INITIAL_CASH - 200 * TV)]
     assert rows[0]["cash"] == INITIAL_CASH - 20_000 * TV and rows[0]["realized_pnl"] == 0
+
+
+def held_positions_agree(engine: Engine) -> None:
+    """Every position a trader's open quantity holds is its ledger account's."""
+    for trader_id, trader in engine.traders.items():
+        for symbol, open_qty in trader.exposure.items():
+            account = engine.ledger.accounts.get(trader_id)
+            if open_qty.position is not None:
+                assert account is not None and open_qty.position is account.positions[symbol]
+
+
+def test_keep_the_position_the_open_quantity_holds_the_ledgers_across_a_snapshot() -> None:
+    """The engine finds a trader's position through its open quantity in the symbol;
+    that must be the ledger's own object, in both symbols, and stay so in a pickled
+    copy, which must then trade on exactly like the original."""
+    h = Harness(two_symbol_config())
+    h.send_all([limit("m", "m1", SELL, 5, 10_000), limit("t", "t1", BUY, 2, 10_000),
+                limit("m", "m2", BUY, 3, 4_990, symbol=ALT),
+                limit("t", "t2", SELL, 1, 4_990, symbol=ALT)])
+    t = h.engine.traders["t"]
+    assert t.exposure[SYM].position is h.engine.ledger.accounts["t"].positions[SYM]
+    assert t.exposure[ALT].position is h.engine.ledger.accounts["t"].positions[ALT]
+    held_positions_agree(h.engine)
+    copy = Harness(h.config)
+    copy.engine = pickle.loads(pickle.dumps(h.engine, pickle.HIGHEST_PROTOCOL))
+    copy.now = h.now
+    held_positions_agree(copy.engine)
+    more = [limit("t", "t3", BUY, 3, 10_000), limit("t", "t4", SELL, 2, 4_990, symbol=ALT),
+            limit("m", "m3", BUY, 4, 10_000)]
+    assert copy.send_all(more) == h.send_all(more)
+    assert copy.engine.state_hash() == h.engine.state_hash()
+    held_positions_agree(copy.engine)
+    assert h.engine.position_report("t", SYM).position == 5
+    assert h.engine.position_report("t", ALT).position == -3

@@ -206,6 +206,32 @@ def test_refill_at_the_configured_fraction_when_the_rate_is_not_a_whole_number()
     assert is_accepted(h.send(limit("a", "a3", BUY, 1, 9_992), t0 + 400_000))
 
 
+@settings(max_examples=1_500, deadline=None, derandomize=True, database=None)
+@given(per_us=st.sampled_from((0, 1, 400, 10**6, 10**9 - 1, 10**9, 10**9 + 1, 10**12)),
+       burst=st.sampled_from((1, 2, 3, 10**9)),
+       spent=st.sampled_from((0, 1, 10**9 - 1, 10**9, 10**9 + 1, 2 * 10**9))
+       | st.integers(0, 3 * 10**9),
+       elapsed=st.sampled_from((-5, 0, 1, 2)) | st.integers(1, 10**7))
+def test_refill_the_bucket_to_elapsed_times_rate_capped_at_the_burst(
+        per_us: int, burst: int, spent: int, elapsed: int) -> None:
+    """The bucket skips its division when one microsecond's refill fills it; it must
+    still hold exactly ``min(capacity, tokens + elapsed * refill)`` (nothing for a
+    message no later than the last), less the token a message takes."""
+    risk = RiskManager(RiskConfig(rate_limit_per_sec=per_us / 1_000, rate_limit_burst=burst))
+    capacity = burst * 10**9
+    tokens = max(capacity - spent, 0)
+    trader = TraderState("a", burst)
+    trader.rate_tokens, trader.rate_ts = tokens, 1_000
+    reject = risk.take_rate_token(trader, 1_000 + elapsed)
+    refilled = min(capacity, tokens + elapsed * per_us) if elapsed > 0 else tokens
+    if refilled < 10**9:
+        assert reject is not None and reject[0] is RejectCode.RATE_LIMITED
+        assert trader.rate_tokens == refilled
+    else:
+        assert reject is None and trader.rate_tokens == refilled - 10**9
+    assert trader.rate_ts == 1_000 + max(elapsed, 0)
+
+
 # ------------------------------------------------------------------ the new-order fast path
 
 
