@@ -46,16 +46,19 @@ class Order:
         self.client_order_id = client_order_id
         self.symbol = symbol
         self.side = side
-        self.is_buy = side is _BUY_SIDE
         self.order_type = order_type
         self.price = price  # None only for market orders, which never rest
         self.qty = qty  # current total quantity: filled + leaves
         self.leaves_qty = qty
         self.tif = tif
-        self.post_only = post_only
         self.stp = stp
         self.stop_price = stop_price
         self.ts = ts
+        # the flags last: the compiled build lays fields out in the order __init__ first
+        # sets them, and three one-byte flags together pad once, not three times (an
+        # order is 8 bytes smaller, which puts it in a smaller allocator size class)
+        self.is_buy = side is _BUY_SIDE
+        self.post_only = post_only
         self.liquidation = liquidation
 
     def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
@@ -328,15 +331,22 @@ class OrderBook:
     def remove(self, order_id: int) -> PriceLevel | None:
         """Take a resting order out of the book in O(1).
 
+        Returns the level it left, or ``None`` if the order is not resting here; see
+        ``take_out``."""
+        order = self.resting_orders.get(order_id)
+        return None if order is None else self.take_out(order)
+
+    def take_out(self, order: Order) -> PriceLevel:
+        """Take ``order``, resting in this book, out of it in O(1).
+
         Returns the level it left (its ``total_qty`` is the level's new total, 0 if the
-        level is gone), or ``None`` if the order is not resting here. The order's
-        ``leaves_qty`` becomes 0, which is what marks its entry in the level's queue
-        dead: a caller that needs the canceled quantity reads it first. (A level rather
-        than a tuple of ints: the compiled build would box each int.)
+        level is gone). The order's ``leaves_qty`` becomes 0, which is what marks its
+        entry in the level's queue dead: a caller that needs the canceled quantity reads
+        it first. (A level rather than a tuple of ints: the compiled build would box each
+        int.) ``del``, not ``dict.pop``: the compiled build calls the latter by name, as
+        a generic method, at twice the cost.
         """
-        order = self.resting_orders.pop(order_id, None)
-        if order is None:
-            return None
+        del self.resting_orders[order.order_id]
         side = self.bids if order.is_buy else self.asks
         level = side.levels[order.price]  # type: ignore[index]
         canceled = order.leaves_qty
