@@ -320,8 +320,11 @@ class OrderBook:
             if best is not None and price <= best.price:
                 return None
             side = self.asks
-        # the key as the order holds it, already an int object
-        level = side.levels.get(order.price) or side.level_for_insert(price)  # type: ignore[arg-type]
+        # a third of passive orders join the best level: that one needs no lookup
+        level = side._best
+        if level is None or not level.live_count or level.price != price:
+            # the key as the order holds it, already an int object
+            level = side.levels.get(order.price) or side.level_for_insert(price)  # type: ignore[arg-type]
         level.orders.append(order)
         level.live_count += 1
         level.total_qty += order.leaves_qty
@@ -380,11 +383,13 @@ class OrderBook:
         levels = book_side.levels
         resting = self.resting_orders
         while taker.leaves_qty:
-            price = book_side.best_price()
-            if price is None or (limit is not None and (price > limit if is_buy
-                                                         else price < limit)):
+            # the level itself, not its price: no lookup by a boxed price to find it
+            level = book_side.best_level()
+            if level is None:
                 return False
-            level = levels[price]
+            price = level.price
+            if limit is not None and (price > limit if is_buy else price < limit):
+                return False
             orders = level.orders
             while taker.leaves_qty and level.live_count:
                 maker = orders[level.head]
