@@ -447,7 +447,7 @@ class Engine(MatchSink):
             if self._taker_filled:
                 self._after_fills(trader, market)
         if not order.leaves_qty:
-            self._forget(order)
+            self._forget(order, trader)
         elif stopped:
             self._cancel_unrested(order, CancelReason.SELF_TRADE)
         elif tif is _GTC and is_limit:
@@ -637,11 +637,12 @@ class Engine(MatchSink):
         self._events.append(OrderCanceled(self._ts, order.order_id, order.trader_id,
                                           order.client_order_id, order.symbol, order.side,
                                           canceled, reason))
-        self._forget(order)
+        self._forget(order, trader)
 
-    def _forget(self, order: Order) -> None:
-        """An order that is in no index but its trader's is no longer live."""
-        del self.traders[order.trader_id].live_orders[order.client_order_id]
+    def _forget(self, order: Order, trader: TraderState) -> None:
+        """An order of ``trader``'s that is in no index but the trader's is no longer
+        live."""
+        del trader.live_orders[order.client_order_id]
 
     # ================================================================= amends
 
