@@ -458,7 +458,7 @@ class Engine(MatchSink):
             if self._taker_filled:
                 self._after_fills(trader, market)
         if not order.leaves_qty:
-            self._forget(order)
+            self._forget(order, trader)
         elif stopped:
             self._cancel_unrested(order, CancelReason.SELF_TRADE)
         elif tif is _GTC and is_limit:
@@ -586,8 +586,11 @@ class Engine(MatchSink):
     def _find_own(self, trader_id: str, order_id: int | None,
                   client_order_id: str | None) -> Order | None:
         """The trader's live order by either id; another trader's looks unknown."""
-        if order_id is not None:
-            order = self.resting_orders.get(order_id) or self.stop_orders.get(order_id)
+        # the caller's int object as the key: narrowed to int by the None check, the
+        # compiled build would unbox it and box a new one for each lookup
+        key: Any = order_id
+        if key is not None:
+            order = self.resting_orders.get(key) or self.stop_orders.get(key)
             if order is None or order.trader_id != trader_id or (
                     client_order_id is not None and order.client_order_id != client_order_id):
                 return None
@@ -615,13 +618,14 @@ class Engine(MatchSink):
 
     def _cancel_live(self, order: Order, reason: CancelReason) -> None:
         """Cancel a live order wherever it is: resting in the book or a waiting stop."""
-        canceled = order.leaves_qty
-        level = self.books[order.symbol].remove(order.order_id)
-        if level is None:  # a stop waiting outside the book
-            del self.stop_orders[order.order_id]
+        stop_orders = self.stop_orders
+        if stop_orders and order.order_id in stop_orders:  # a stop waiting outside the book
+            del stop_orders[order.order_id]
             self._cancel_unrested(order, reason)
-        else:
-            self._report_cancel(order, canceled, reason, level.total_qty)
+            return
+        canceled = order.leaves_qty
+        level = self.markets[order.symbol].book.take_out(order)
+        self._report_cancel(order, canceled, reason, level.total_qty)
 
     def _report_cancel(self, order: Order, canceled_qty: int, reason: CancelReason,
                        level_qty: int, counted: bool = False) -> None:
@@ -648,11 +652,12 @@ class Engine(MatchSink):
         self._events.append(OrderCanceled(self._ts, order.order_id, order.trader_id,
                                           order.client_order_id, order.symbol, order.side,
                                           canceled, reason))
-        self._forget(order)
+        self._forget(order, trader)
 
-    def _forget(self, order: Order) -> None:
-        """An order that is in no index but its trader's is no longer live."""
-        del self.traders[order.trader_id].live_orders[order.client_order_id]
+    def _forget(self, order: Order, trader: TraderState) -> None:
+        """An order of ``trader``'s that is in no index but the trader's is no longer
+        live."""
+        del trader.live_orders[order.client_order_id]
 
     # ================================================================= amends
 
@@ -681,7 +686,7 @@ class Engine(MatchSink):
             self._events.append(BookChanged(order.symbol, BookAction.AMEND, order.order_id,
                                             order.side, order.price, new_leaves, level_qty))  # type: ignore[arg-type]
         else:
-            level_qty = book.remove(order.order_id).total_qty  # type: ignore[union-attr]
+            level_qty = book.take_out(order).total_qty
             requeued = order.requeued(new_price, new_qty, new_leaves, self._ts)
             trader.live_orders[order.client_order_id] = requeued
             self._report_amend(requeued, False)

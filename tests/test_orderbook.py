@@ -192,6 +192,46 @@ def test_return_none_when_removing_an_order_that_is_not_resting(book: OrderBook)
     book.validate()
 
 
+def test_take_out_a_held_order_as_remove_does_by_id(book: OrderBook) -> None:
+    first, second = rest(book, order(1, BUY, 9_990, 2), order(2, BUY, 9_990, 5))
+    level = book.take_out(second)
+    assert level is book.bids.levels[9_990] and level.total_qty == 2
+    assert second.leaves_qty == 0 and 2 not in book.resting_orders
+    emptied = book.take_out(first)
+    assert emptied.total_qty == 0 and 9_990 not in book.bids.levels
+    assert book.resting_orders == {} and book.best_bid() is None
+    book.validate()
+
+
+def test_join_the_best_level_when_a_passive_order_comes_at_the_best_price(
+        book: OrderBook) -> None:
+    best = book.add_passive(order(1, SELL, 10_010, 1))
+    assert book.add_passive(order(2, SELL, 10_010, 2)) is best
+    behind = book.add_passive(order(3, SELL, 10_020, 4))
+    assert behind is not None and behind is not best
+    assert best is not None and best.total_qty == 3
+    assert l3(book, SELL) == [(10_010, 1, 1), (10_010, 2, 2), (10_020, 3, 4)]
+    book.validate()
+
+
+def test_open_a_fresh_level_when_a_passive_order_comes_at_an_emptied_best_price(
+        book: OrderBook) -> None:
+    emptied = book.add_passive(order(1, BUY, 10_000, 1))
+    book.add_passive(order(2, BUY, 9_990, 1))
+    book.remove(1)  # the side still holds the emptied level as its best
+    level = book.add_passive(order(3, BUY, 10_000, 6))
+    assert level is not None and level is not emptied and level.total_qty == 6
+    assert emptied is not None and emptied.total_qty == 0
+    assert book.bids.levels[10_000] is level and book.best_bid() == 10_000
+    book.validate()
+
+
+def test_derive_an_orders_side_from_its_is_buy_flag() -> None:
+    buy, sell = order(1, BUY, 9_990, 1), order(2, SELL, 10_010, 1)
+    assert (buy.side, buy.is_buy, sell.side, sell.is_buy) == (BUY, True, SELL, False)
+    assert buy.requeued(9_980, 1, 1, 5).side is BUY
+
+
 def test_keep_each_book_to_its_own_orders_when_two_books_share_one_index(
         book_cls: type[OrderBook]) -> None:
     index: dict[int, Order] = {}
