@@ -261,28 +261,35 @@ _NO_CEILING: Final = (1 << 62) - 1
 class Arming:
     """A trader's current arming number in the watch, 0 while it is disarmed: one
     object per trader, updated in place, so that re-arming writes an attribute rather
-    than a new int into a dict."""
+    than a new int into a dict. It also holds the band it last armed, which re-arming
+    a trader that holds one symbol, the common case, updates without a lookup."""
 
-    __slots__ = ("number",)
+    __slots__ = ("last_band", "number")
 
     def __init__(self) -> None:
         self.number = 0
+        self.last_band: Band | None = None
 
 
 class Band:
     """One trader's safe band in one symbol, from its arming number ``arming``; it is
     current while that is still ``armed.number``."""
 
-    __slots__ = ("armed", "arming", "high", "low")
+    __slots__ = ("armed", "arming", "high", "listed", "low", "symbol", "symbol_bands")
 
-    def __init__(self, low: int, high: int, armed: Arming, arming: int) -> None:
+    def __init__(self, low: int, high: int, armed: Arming, arming: int, symbol: str,
+                 symbol_bands: SymbolBands) -> None:
         self.low = low
         self.high = high
         self.armed = armed
         self.arming = arming
+        self.symbol = symbol
+        self.symbol_bands = symbol_bands  # its symbol's, which lists it while ``listed``
+        self.listed = True
 
     def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
-        return (self.low, self.high, self.armed, self.arming)
+        # a placeholder for the symbol's bands, which list this band: no cycle to pickle
+        return (self.low, self.high, self.armed, self.arming, self.symbol, SymbolBands())
 
 
 class SymbolBands:
@@ -336,18 +343,29 @@ class MarginWatch:
 
     def add_band(self, symbol: str, trader_id: str, low: int, high: int,
                  armed: Arming) -> None:
-        symbol_bands = self._bands.get(symbol)
-        if symbol_bands is None:
-            symbol_bands = self._bands[symbol] = SymbolBands()
-        band = symbol_bands.entries.get(trader_id)
-        if band is None:
-            symbol_bands.entries[trader_id] = Band(low, high, armed, armed.number)
-        else:  # re-armed: the one entry per trader and symbol is updated in place
+        band = armed.last_band
+        if band is not None and band.listed and band.symbol == symbol:
+            symbol_bands = band.symbol_bands  # the entry found without a lookup
             band.low, band.high, band.arming = low, high, armed.number
+        else:
+            symbol_bands = self._symbol_bands(symbol)
+            band = symbol_bands.entries.get(trader_id)
+            if band is None:
+                band = symbol_bands.entries[trader_id] = Band(low, high, armed, armed.number,
+                                                              symbol, symbol_bands)
+            else:  # re-armed: the one entry per trader and symbol is updated in place
+                band.low, band.high, band.arming = low, high, armed.number
+            armed.last_band = band
         if low > symbol_bands.floor:
             symbol_bands.floor = low
         if high < symbol_bands.ceiling:
             symbol_bands.ceiling = high
+
+    def _symbol_bands(self, symbol: str) -> SymbolBands:
+        symbol_bands = self._bands.get(symbol)
+        if symbol_bands is None:
+            symbol_bands = self._bands[symbol] = SymbolBands()
+        return symbol_bands
 
     def disarm(self, trader_id: str) -> None:
         armed = self._armed.get(trader_id)
@@ -365,8 +383,10 @@ class MarginWatch:
         for trader_id, band in list(entries.items()):
             if band.armed.number != band.arming:
                 del entries[trader_id]  # disarmed, or re-armed without this symbol
+                band.listed = False
             elif band.low > mark or band.high < mark:
                 del entries[trader_id]
+                band.listed = False
                 band.armed.number = 0
                 left.append(trader_id)
             else:
