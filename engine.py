@@ -178,8 +178,10 @@ class Engine(MatchSink):
         # per symbol to settle, the [low, high] printed since the last settle: a sweep can
         # print through a stop and end beyond it, and the stop must still trigger
         self._moved: dict[str, list[int]] = {}
-        self._liquidating: dict[str, None] = {}
-        self._margin_dirty: dict[str, None] = {}  # traders a fill changed since the last check
+        # by trader id, the traders being liquidated, and those a fill changed since the
+        # last margin check: the checks need the traders themselves, not just their ids
+        self._liquidating: dict[str, TraderState] = {}
+        self._margin_dirty: dict[str, TraderState] = {}
         # the order being matched: its trader and market, which on_fill needs for every
         # fill, and whether it has filled yet, at which prices (low, high, last): what a
         # match changes beyond the fills themselves is recorded once, after it
@@ -493,7 +495,7 @@ class Engine(MatchSink):
         tick_value = market.tick_value
         # the taker's trader is _execute's, marked for a margin check there, once
         maker_trader = self.traders[maker.trader_id]
-        self._margin_dirty[maker.trader_id] = None
+        self._margin_dirty[maker.trader_id] = maker_trader
         taker_trader = self._taker_trader
         assert taker_trader is not None
         if not self._taker_filled:
@@ -516,7 +518,7 @@ class Engine(MatchSink):
     def _after_fills(self, taker_trader: TraderState, market: Market) -> None:
         """After a match that filled: the taker due a margin check, the last price and
         the band's centre, and the prices printed for the stops to settle."""
-        self._margin_dirty[taker_trader.trader_id] = None
+        self._margin_dirty[taker_trader.trader_id] = taker_trader
         symbol, price = market.symbol, self._fill_last
         last_prices = self.last_prices
         if not self._all_traded and last_prices[symbol] is None:
@@ -794,19 +796,19 @@ class Engine(MatchSink):
         watch = margin.watch
         for symbol in moved:
             for trader_id in watch.pop_outside(symbol, marks[symbol]):
-                candidates[trader_id] = None
+                candidates[trader_id] = traders[trader_id]
         # a check that passes changes nothing but the trader's arming, which its next
         # check redoes: until one fails, the order cannot matter, so the trader-id order
         # (sorting costs more than a check) is only needed from a failure on, and then
         # the checks are run again in it
         if not self._liquidating:
-            for trader_id in candidates:
-                if margin.in_breach(traders[trader_id], marks):
+            for candidate in candidates.values():
+                if margin.in_breach(candidate, marks):
                     break
             else:
                 return
         for trader_id in sorted(candidates):
-            trader = traders[trader_id]
+            trader = candidates[trader_id]
             if trader.status is _LIQUIDATING:
                 self._flatten(trader)
             elif margin.in_breach(trader, marks):
@@ -817,7 +819,7 @@ class Engine(MatchSink):
         for order in self.open_orders(trader.trader_id):
             self._cancel_live(order, CancelReason.LIQUIDATION)
         self._set_status(trader, TraderStatus.LIQUIDATING)
-        self._liquidating[trader.trader_id] = None
+        self._liquidating[trader.trader_id] = trader
         self._flatten(trader)
 
     def _flatten(self, trader: TraderState) -> None:

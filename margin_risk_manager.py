@@ -19,28 +19,29 @@ from typing import Any, Final
 
 from config import MONEY_SCALE, MarginConfig
 from models import RejectCode
-from positions import Account, Ledger, Position
+from positions import Account, Ledger, Position, cash_headroom
 from risk_manager import OpenQty, Reject, TraderState
 
 # A machine int in the compiled build is below 2**62; a cash balance at realistic scales
 # (1e12 currency is 1e20 units) is not, and so exceeds any such amount
 _MACHINE_INT_MAX: Final = (1 << 62) - 1
-_BEYOND_MACHINE_INTS: Final = 1 << 62
 # What a cash beyond machine ints, less a slack beyond the cash no lower than minus this,
 # leaves at least (see band_reach)
 _SPARE_FLOOR: Final = 1 << 61
 
 
-def exceeds(amount: int, cash: int) -> bool:
-    """``amount > cash``. Compared as is, a machine-int amount and a bignum cash make
-    the compiled build box the amount into a new int object first; comparing the cash
-    with a constant instead decides the common case without one."""
-    if amount <= _MACHINE_INT_MAX and cash >= _BEYOND_MACHINE_INTS:
+def exceeds(amount: int, cash: int, headroom: int) -> bool:
+    """``amount > cash``, for a cash of ``headroom`` (``positions.cash_headroom``, or an
+    account's). Compared as is, a machine-int amount and a bignum cash make the compiled
+    build box the amount into a new int object first, and comparing the cash with a
+    bignum constant costs nearly as much; a headroom of 0 or more, a cash beyond machine
+    ints, decides the common case in machine ints."""
+    if headroom >= 0 and amount <= _MACHINE_INT_MAX:
         return False
     return amount > cash
 
 
-def band_reach(cash: int, spare_beyond_cash: int, per_tick_cost: int) -> int:
+def band_reach(cash: int, headroom: int, spare_beyond_cash: int, per_tick_cost: int) -> int:
     """The ticks a safe band reaches either side of the mark: never more than
     ``max(spare, 0) * 10_000 // per_tick_cost``, where ``spare = cash +
     spare_beyond_cash`` is at least -1, and exactly that while the cash is a machine int.
@@ -51,8 +52,9 @@ def band_reach(cash: int, spare_beyond_cash: int, per_tick_cost: int) -> int:
     the exact reach would cost bignum divisions on every check, counts as a spare of
     just ``2**61`` (it is at least that while ``spare_beyond_cash >= -2**61``): still
     millions of ticks at any realistic position, in machine ints. ``per_tick_cost``
-    includes the factor ``10_000 + maintenance_bps``, so the result stays below 2**61."""
-    if cash >= _BEYOND_MACHINE_INTS and spare_beyond_cash >= -_SPARE_FLOOR:
+    includes the factor ``10_000 + maintenance_bps``, so the result stays below 2**61.
+    ``headroom`` is the cash's (see ``exceeds``)."""
+    if headroom >= 0 and spare_beyond_cash >= -_SPARE_FLOOR:
         return _SPARE_FLOOR // per_tick_cost * 10_000
     # the cash divided alone, so that no product outgrows machine ints:
     # (q * d + r + s) * 10_000 // d == q * 10_000 + (r + s) * 10_000 // d
@@ -99,6 +101,7 @@ class MarginRiskManager:
         self.initial_bps = config.initial_bps
         self.maintenance_bps = config.maintenance_bps
         self.ledger = ledger
+        self.initial_headroom = cash_headroom(ledger.initial_cash)  # before a first fill
         self.watch = MarginWatch()
         # per symbol, tick value x bps: with the sign kept out of products (see
         # positions.book_fill) the checks below stay in machine ints under mypyc, and the
@@ -137,9 +140,9 @@ class MarginRiskManager:
             return None
         if account is None:
             positions: dict[str, Position] = {}
-            cash = self.ledger.initial_cash
+            cash, headroom = self.ledger.initial_cash, self.initial_headroom
         else:
-            positions, cash = account.positions, account.cash
+            positions, cash, headroom = account.positions, account.cash, account.cash_headroom
         open_buy, open_sell = (0, 0) if open_in_symbol is None else (
             open_in_symbol.buy, open_in_symbol.sell)
         if is_buy:
@@ -163,7 +166,8 @@ class MarginRiskManager:
                     held_value += value
                     worst_margin += margin
         required = worst_margin // 10_000
-        if exceeds(required - held_value, cash):  # more than the equity, cash + held_value
+        # more than the equity, cash + held_value
+        if exceeds(required - held_value, cash, headroom):
             return (RejectCode.RISK_INSUFFICIENT_MARGIN,
                     f"initial margin {required / MONEY_SCALE:.2f} would exceed equity "
                     f"{(cash + held_value) / MONEY_SCALE:.2f}")
@@ -219,8 +223,8 @@ class MarginRiskManager:
         # the slack, equity - maintenance, is cash + slack_beyond_cash: the cash, a bignum
         # at realistic scales, is kept out of every sum
         slack_beyond_cash = held_value - maintenance
-        cash = account.cash
-        if exceeds(-slack_beyond_cash, cash):  # the slack is negative
+        cash, headroom = account.cash, account.cash_headroom
+        if exceeds(-slack_beyond_cash, cash, headroom):  # the slack is negative
             watch.disarm(trader_id)
             return True
         if not held:
@@ -233,7 +237,7 @@ class MarginRiskManager:
             else:
                 watch.arm_again(armed)
             if held == 1:
-                reach = band_reach(cash, slack_beyond_cash - 1,
+                reach = band_reach(cash, headroom, slack_beyond_cash - 1,
                                    divisor * (held_size * held_tick_value))
                 watch.add_band(held_symbol, trader_id, held_mark - reach, held_mark + reach,
                                armed)
@@ -243,7 +247,8 @@ class MarginRiskManager:
                 if qty:
                     mark = marks[symbol]
                     per_tick = (qty if qty > 0 else -qty) * all_rates[symbol].tick_value
-                    reach = band_reach(cash, slack_beyond_cash - 1, divisor * per_tick)
+                    reach = band_reach(cash, headroom, slack_beyond_cash - 1,
+                                       divisor * per_tick)
                     watch.add_band(symbol, trader_id, mark - reach, mark + reach, armed)
         return False
 
@@ -256,28 +261,35 @@ _NO_CEILING: Final = (1 << 62) - 1
 class Arming:
     """A trader's current arming number in the watch, 0 while it is disarmed: one
     object per trader, updated in place, so that re-arming writes an attribute rather
-    than a new int into a dict."""
+    than a new int into a dict. It also holds the band it last armed, which re-arming
+    a trader that holds one symbol, the common case, updates without a lookup."""
 
-    __slots__ = ("number",)
+    __slots__ = ("last_band", "number")
 
     def __init__(self) -> None:
         self.number = 0
+        self.last_band: Band | None = None
 
 
 class Band:
     """One trader's safe band in one symbol, from its arming number ``arming``; it is
     current while that is still ``armed.number``."""
 
-    __slots__ = ("armed", "arming", "high", "low")
+    __slots__ = ("armed", "arming", "high", "listed", "low", "symbol", "symbol_bands")
 
-    def __init__(self, low: int, high: int, armed: Arming, arming: int) -> None:
+    def __init__(self, low: int, high: int, armed: Arming, arming: int, symbol: str,
+                 symbol_bands: SymbolBands) -> None:
         self.low = low
         self.high = high
         self.armed = armed
         self.arming = arming
+        self.symbol = symbol
+        self.symbol_bands = symbol_bands  # its symbol's, which lists it while ``listed``
+        self.listed = True
 
     def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
-        return (self.low, self.high, self.armed, self.arming)
+        # a placeholder for the symbol's bands, which list this band: no cycle to pickle
+        return (self.low, self.high, self.armed, self.arming, self.symbol, SymbolBands())
 
 
 class SymbolBands:
@@ -331,18 +343,29 @@ class MarginWatch:
 
     def add_band(self, symbol: str, trader_id: str, low: int, high: int,
                  armed: Arming) -> None:
-        symbol_bands = self._bands.get(symbol)
-        if symbol_bands is None:
-            symbol_bands = self._bands[symbol] = SymbolBands()
-        band = symbol_bands.entries.get(trader_id)
-        if band is None:
-            symbol_bands.entries[trader_id] = Band(low, high, armed, armed.number)
-        else:  # re-armed: the one entry per trader and symbol is updated in place
+        band = armed.last_band
+        if band is not None and band.listed and band.symbol == symbol:
+            symbol_bands = band.symbol_bands  # the entry found without a lookup
             band.low, band.high, band.arming = low, high, armed.number
+        else:
+            symbol_bands = self._symbol_bands(symbol)
+            band = symbol_bands.entries.get(trader_id)
+            if band is None:
+                band = symbol_bands.entries[trader_id] = Band(low, high, armed, armed.number,
+                                                              symbol, symbol_bands)
+            else:  # re-armed: the one entry per trader and symbol is updated in place
+                band.low, band.high, band.arming = low, high, armed.number
+            armed.last_band = band
         if low > symbol_bands.floor:
             symbol_bands.floor = low
         if high < symbol_bands.ceiling:
             symbol_bands.ceiling = high
+
+    def _symbol_bands(self, symbol: str) -> SymbolBands:
+        symbol_bands = self._bands.get(symbol)
+        if symbol_bands is None:
+            symbol_bands = self._bands[symbol] = SymbolBands()
+        return symbol_bands
 
     def disarm(self, trader_id: str) -> None:
         armed = self._armed.get(trader_id)
@@ -360,8 +383,10 @@ class MarginWatch:
         for trader_id, band in list(entries.items()):
             if band.armed.number != band.arming:
                 del entries[trader_id]  # disarmed, or re-armed without this symbol
+                band.listed = False
             elif band.low > mark or band.high < mark:
                 del entries[trader_id]
+                band.listed = False
                 band.armed.number = 0
                 left.append(trader_id)
             else:

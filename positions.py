@@ -12,9 +12,14 @@ and vanishes when the position is flat, so realized + unrealized is always exact
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from config import MONEY_SCALE
+
+# A machine int in the compiled build is below 2**62; a cash balance at realistic scales
+# (1e12 currency is 1e20 units) is not
+_MACHINE_INT_MAX: Final = (1 << 62) - 1
+_HEADROOM_CAP: Final = 1 << 61  # keeps the headroom itself a machine int
 
 
 def to_currency(units: int) -> float:
@@ -39,16 +44,37 @@ class Position:
         return (self.qty * mark - self.open_cost) * tick_value
 
 
+def cash_headroom(cash: int) -> int:
+    """How far ``cash`` can fall and stay beyond machine ints (at least 2**62), at most
+    2**61; -1 for a cash not beyond them."""
+    if cash <= _MACHINE_INT_MAX:  # a machine-int constant: no bignum comparison then
+        return -1
+    headroom = cash - (_MACHINE_INT_MAX + 1)
+    return headroom if headroom < _HEADROOM_CAP else _HEADROOM_CAP
+
+
 class Account:
-    __slots__ = ("cash", "positions", "trader_id")
+    __slots__ = ("cash", "cash_headroom", "positions", "trader_id")
 
     def __init__(self, trader_id: str, cash: int) -> None:
         self.trader_id = trader_id
         self.cash = cash
+        # while >= 0, the cash is at least 2**62 + cash_headroom: a fact kept in step
+        # with the cash (see pay) that settles, in machine ints, that a bignum cash
+        # exceeds a machine-int amount (margin_risk_manager.exceeds)
+        self.cash_headroom = cash_headroom(cash)
         self.positions: dict[str, Position] = {}
 
     def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (self.trader_id, self.cash)
+
+    def pay(self, outflow: int) -> None:
+        """Take ``outflow`` from the cash (a negative one adds to it). Only an outflow
+        uses up headroom; one that uses it all up has it worked out again."""
+        self.cash -= outflow
+        if outflow > 0:
+            headroom = self.cash_headroom - outflow
+            self.cash_headroom = headroom if headroom >= 0 else cash_headroom(self.cash)
 
     def position(self, symbol: str) -> Position:
         position = self.positions.get(symbol)
@@ -120,10 +146,7 @@ class Ledger:
         # sign is applied by adding or subtracting, never by multiplying.
         cost = qty * price  # ticks x lots
         amount = cost * tick_value
-        if is_buy:
-            account.cash -= amount + fee
-        else:
-            account.cash += amount - fee
+        account.pay(amount + fee if is_buy else fee - amount)
         position.fees += fee
         position.realized -= fee
         self.fee_income += fee

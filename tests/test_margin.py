@@ -29,6 +29,7 @@ from models import (
     TraderStatus,
     TraderStatusChanged,
 )
+from positions import Account, cash_headroom
 from tests.conftest import (
     ALT,
     BUY,
@@ -291,7 +292,33 @@ def test_compare_an_amount_with_the_cash_exactly_either_side_of_machine_ints() -
                      for delta in (-1, 0, 1)})
     for amount in values:
         for cash in values:
-            assert exceeds(amount, cash) is (amount > cash), (amount, cash)
+            # the cash's own headroom, and one not known (-1), which any cash may have
+            for headroom in (cash_headroom(cash), -1):
+                assert exceeds(amount, cash, headroom) is (amount > cash), (amount, cash)
+
+
+def test_the_cash_headroom_stays_a_lower_bound_through_payments() -> None:
+    """``Account.pay`` keeps ``cash_headroom`` in step: whenever it is 0 or more, the
+    cash is at least 2**62 plus it, and a cash that starts or falls back beyond machine
+    ints with a spent headroom has it worked out again rather than lost."""
+    rng = random.Random(13)
+    for start in (10**20, (1 << 62) + 5, (1 << 62) - 5, 10**6, -(10**20)):
+        account = Account("t", start)
+        for _ in range(5_000):
+            outflow = rng.choice([1, -1]) * rng.choice([1, 10**6, 10**14, 1 << 60])
+            account.pay(outflow)
+            headroom = account.cash_headroom
+            assert headroom < 1 << 62
+            if headroom >= 0:
+                assert account.cash >= (1 << 62) + headroom, (start, account.cash, headroom)
+            elif account.cash >= 1 << 62:
+                assert outflow < 0, "only an inflow may leave a vast cash unmarked"
+    big = Account("b", (1 << 62) + 10)
+    big.pay(11)  # spends more than the headroom: below machine ints now
+    assert big.cash_headroom == -1
+    vast = Account("v", 10**20)
+    vast.pay((1 << 61) + 1)  # more than the capped headroom, far less than the cash's
+    assert vast.cash_headroom == cash_headroom(10**20 - (1 << 61) - 1) == 1 << 61
 
 
 def _exact_reach(spare: int, per_tick_cost: int) -> int:
@@ -310,7 +337,7 @@ def test_band_reach_is_the_spare_over_the_per_tick_cost_exactly_for_machine_int_
         per_tick_cost = rng.choice([1, 7, 10_500, 10**10, (1 << 62) + 3]) \
             * rng.randint(1, 1_000)
         spare = rng.choice([-1, 0, 1, 2, rng.randint(3, 10**25)])
-        assert band_reach(cash, spare - cash, per_tick_cost) == \
+        assert band_reach(cash, cash_headroom(cash), spare - cash, per_tick_cost) == \
             _exact_reach(spare, per_tick_cost), (cash, spare, per_tick_cost)
 
 
@@ -321,13 +348,13 @@ def test_band_reach_for_bignum_cash_is_a_wide_lower_bound_in_machine_ints() -> N
     position of 1,000 lots at a tick value of 10**6 units."""
     rng = random.Random(12)
     realistic = (10_000 + 50) * 1_000 * 10**6
-    assert band_reach(10**20, 0, realistic) >= 1_000_000
+    assert band_reach(10**20, cash_headroom(10**20), 0, realistic) >= 1_000_000
     for _ in range(20_000):
         cash = rng.choice([1 << 62, 10**20, 1 << 70, 10**30]) + rng.randint(0, 10**6)
         per_tick_cost = (10_000 + rng.choice([0, 50, 2_500])) * rng.choice(
             [1, 1_000, 10**6, 10**12, 10**20])
         spare = rng.choice([-1, 0, 1, 1 << 61, cash // 2, cash, cash + 10**9])
-        reach = band_reach(cash, spare - cash, per_tick_cost)
+        reach = band_reach(cash, cash_headroom(cash), spare - cash, per_tick_cost)
         assert 0 <= reach <= _exact_reach(spare, per_tick_cost), (cash, spare, per_tick_cost)
         if spare - cash >= -(1 << 61):  # else the spare is exact, and may be a bignum
             assert reach < 1 << 61, (cash, spare, per_tick_cost)
