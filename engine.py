@@ -226,7 +226,10 @@ class Engine(MatchSink):
             self._set_market_open(command)
         else:
             raise TypeError(f"not an engine command: {command!r}")
-        if self._moved or self._triggered:
+        # stops trigger only on a print (in _moved), and _settle drains the queue of
+        # triggered ones before it returns: between commands that queue is empty, and
+        # testing it (a deque: a generic truth test) cost every command
+        if self._moved:
             self._settle()
         return events
 
