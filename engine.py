@@ -121,8 +121,9 @@ class Market:
     the market is open, the price band and the fee rates with one lookup by symbol
     instead of one per item."""
 
-    __slots__ = ("band_bps", "band_centre", "book", "is_open", "maker_rate", "margin_rates",
-                 "reference_price", "stops", "symbol", "taker_rate", "tick_value")
+    __slots__ = ("band_bps", "band_centre", "band_high", "band_low", "book", "edges_centre",
+                 "is_open", "maker_rate", "margin_rates", "reference_price", "stops", "symbol",
+                 "taker_rate", "tick_value")
 
     def __init__(self, instrument: InstrumentConfig, maker_ppm: int, taker_ppm: int,
                  resting_orders: dict[int, Order]) -> None:
@@ -134,6 +135,10 @@ class Market:
         self.reference_price = instrument.reference_price  # the configured one
         # the price band's centre: the last trade, else the configured reference
         self.band_centre = instrument.reference_price
+        # the band's edges and the centre they were computed for: every limit order is
+        # tested against them, and the centre moves only when the market trades
+        self.edges_centre = self.band_low = self.band_high = 0
+        self.refresh_band_edges()
         # money units per tick x lot x 1e6 of fee: price * qty * rate stays in machine
         # ints under mypyc where price * qty * tick_value * ppm would not
         self.tick_value = tick_value = instrument.tick_value  # money units per tick x lot
@@ -143,6 +148,13 @@ class Market:
 
     def __getnewargs__(self) -> tuple[Any, ...]:  # see native_core.py
         return (InstrumentConfig(symbol=self.symbol), 0, 0, {})
+
+    def refresh_band_edges(self) -> None:
+        """Recompute the band's edges (as ``check_price_band`` draws them) for the
+        current centre."""
+        centre = self.edges_centre = self.band_centre
+        band = centre * self.band_bps // 10_000
+        self.band_low, self.band_high = centre - band, centre + band
 
 
 class Engine(MatchSink):
@@ -216,7 +228,10 @@ class Engine(MatchSink):
             self._set_market_open(command)
         else:
             raise TypeError(f"not an engine command: {command!r}")
-        if self._moved or self._triggered:
+        # stops trigger only on a print (in _moved), and _settle drains the queue of
+        # triggered ones before it returns: between commands that queue is empty, and
+        # testing it (a deque: a generic truth test) cost every command
+        if self._moved:
             self._settle()
         return events
 
@@ -402,10 +417,15 @@ class Engine(MatchSink):
         if position is None and account is not None:
             position = account.positions.get(symbol)
         reject = self.risk.check_new_order(
-            trader, self._ts, symbol, exposure, is_buy, qty, position.qty if position else 0,
-            price if order_type is _LIMIT else None, market.band_centre, market.band_bps)
+            trader, self._ts, symbol, exposure, is_buy, qty, position.qty if position else 0)
         if reject is not None:
             return reject
+        if order_type is _LIMIT and price is not None:  # a limit order has its price
+            # the band as check_price_band draws it, from edges cached per centre
+            if market.edges_centre != market.band_centre:
+                market.refresh_band_edges()
+            if price < market.band_low or price > market.band_high:
+                return check_price_band(price, market.band_centre, market.band_bps)
         margin = self.margin
         if margin.enabled:
             # once every symbol has traded, a mark is its market's band centre, the last

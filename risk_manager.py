@@ -161,13 +161,12 @@ class RiskManager:
         return None
 
     def check_new_order(self, trader: TraderState, ts: int, symbol: str,
-                        exposure: OpenQty | None, is_buy: bool, qty: int, position: int,
-                        limit_price: int | None, reference: int,
-                        band_bps: int) -> Reject | None:
-        """Every pre-trade check of a new order, in order: message rate, size, open
-        orders, worst-case position, and the price band (for a limit price).
-        ``exposure`` is the trader's open quantity in ``symbol`` (``None``: no entry),
-        which the caller has already looked up.
+                        exposure: OpenQty | None, is_buy: bool, qty: int,
+                        position: int) -> Reject | None:
+        """Every pre-trade check of a new order of this module's, in order: message
+        rate, size, open orders, worst-case position. ``exposure`` is the trader's open
+        quantity in ``symbol`` (``None``: no entry), which the caller has already looked
+        up. (The engine tests a limit price against the band edges its markets cache.)
 
         Every order passes through here, so the limits are tested inline; only a
         failing order calls the functions that name the problem (the amend path's)."""
@@ -180,13 +179,7 @@ class RiskManager:
             worst = position + exposure.buy + qty if is_buy else position - exposure.sell - qty
         if qty > self.max_order_qty or len(trader.live_orders) >= self.max_open_orders \
                 or worst > self.max_position or -worst > self.max_position:
-            reject = self.check_order(trader, symbol, is_buy, qty, qty, position, 1)
-            if reject is not None:
-                return reject
-        if limit_price is not None:
-            band = reference * band_bps // 10_000
-            if limit_price < reference - band or limit_price > reference + band:
-                return check_price_band(limit_price, reference, band_bps)
+            return self.check_order(trader, symbol, is_buy, qty, qty, position, 1)
         return None
 
 

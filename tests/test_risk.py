@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from config import RiskConfig
+from config import InstrumentConfig, RiskConfig
+from engine import Market
 from models import AmendOrder, AmendRejected, OrderAccepted, OrderRejected, RejectCode
 from risk_manager import OpenQty, RiskManager, TraderState, check_price_band
 from tests.conftest import (
@@ -254,40 +255,57 @@ def _trader_state(burst: int, live: int, exposure: tuple[int, int] | None,
        rate=st.tuples(st.sampled_from((4 * 10**9,) * 4 + (10**9, 10**9 - 1, 0)),
                       st.none() | st.integers(0, 3_000_000)),
        order=st.tuples(st.integers(0, 3_000_000), st.booleans(), st.integers(1, 8),
-                       st.integers(-12, 12),
-                       # the band is 9500..10500: prices at and either side of its edges
-                       st.none() | st.integers(9_498, 9_502) | st.integers(10_498, 10_502)
-                       | st.integers(9_000, 11_000)))
+                       st.integers(-12, 12)))
 def test_decide_like_the_named_rules_when_a_new_order_takes_the_inline_path(
         limits: tuple[int, int, int, float, int], live: int,
         exposure: tuple[int, int] | None, rate: tuple[int, int | None],
-        order: tuple[int, bool, int, int, int | None]) -> None:
+        order: tuple[int, bool, int, int]) -> None:
     """``check_new_order`` tests the limits inline for speed; whatever the state, it must
     decide exactly as the rules it inlines, applied one after another (rate token, then
-    size / open orders / worst-case position, then the band), and leave the same bucket."""
+    size / open orders / worst-case position), and leave the same bucket."""
     max_qty, max_position, max_open, per_sec, burst = limits
     risk = RiskManager(RiskConfig(max_order_qty=max_qty, max_position=max_position,
                                   max_open_orders=max_open, rate_limit_per_sec=per_sec,
                                   rate_limit_burst=burst))
-    ts, is_buy, qty, position, limit_price = order
+    ts, is_buy, qty, position = order
     fast = _trader_state(burst, live, exposure, rate)
     named = _trader_state(burst, live, exposure, rate)
-    got = risk.check_new_order(fast, ts, "SIM", fast.exposure.get("SIM"), is_buy, qty, position,
-                               limit_price, 10_000, 500)
+    got = risk.check_new_order(fast, ts, "SIM", fast.exposure.get("SIM"), is_buy, qty, position)
     expected = risk.take_rate_token(named, ts) or risk.check_order(
         named, "SIM", is_buy, qty, qty, position, 1)
-    if expected is None and limit_price is not None:
-        expected = check_price_band(limit_price, 10_000, 500)
     assert got == expected
     assert (fast.rate_tokens, fast.rate_ts) == (named.rate_tokens, named.rate_ts)
 
 
-@pytest.mark.parametrize(("price", "inside"), [
-    (9_499, False), (9_500, True), (10_000, True), (10_500, True), (10_501, False)])
-def test_apply_the_band_edges_exactly_when_a_new_order_takes_the_inline_path(
-        price: int, inside: bool) -> None:
-    risk = RiskManager(RiskConfig())
-    reject = risk.check_new_order(TraderState("a", 10), 1, "SIM", None, True, 1, 0, price, 10_000,
-                                  500)
-    assert reject == (None if inside else check_price_band(price, 10_000, 500))
-    assert inside or reject[0] is RejectCode.RISK_PRICE_BAND  # type: ignore[index]
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(centres=st.lists(st.integers(1, 2_000_000), min_size=1, max_size=4),
+       band_bps=st.integers(1, 10_000), offset=st.integers(-2_000, 2_000),
+       near_edge=st.booleans())
+def test_draw_the_band_edges_as_check_price_band_when_the_engine_caches_them(
+        centres: list[int], band_bps: int, offset: int, near_edge: bool) -> None:
+    """The engine tests a new limit order's price against its market's cached band
+    edges, refreshed when the centre has moved: whatever the centres it saw before, the
+    edges must decide exactly as ``check_price_band`` around the current one."""
+    market = Market(InstrumentConfig(symbol="SIM", reference_price=10_000), 0, 0, {})
+    market.band_bps = band_bps
+    for centre in centres:
+        market.band_centre = centre
+        if market.edges_centre != market.band_centre:
+            market.refresh_band_edges()
+    centre = centres[-1]
+    band = centre * band_bps // 10_000
+    # a price at one of the edges (give or take a tick) or anywhere near the centre
+    price = max(1, (centre + band if offset > 0 else centre - band) + offset % 3 - 1
+                if near_edge else centre + offset)
+    inside = market.band_low <= price <= market.band_high
+    assert inside == (check_price_band(price, centre, band_bps) is None)
+
+
+def test_reject_a_new_order_outside_the_band_with_the_named_rule_when_it_moved_back(
+        h: Harness) -> None:
+    h.send_all([limit("m", "m1", SELL, 1, 10_500), limit("t", "t1", BUY, 1, 10_500)])
+    h.send_all([limit("m", "m2", SELL, 1, 10_000), limit("t", "t2", BUY, 1, 10_000)])
+    # back to 10000 +- 1000 after 10500 +- 1050: the edges follow every move
+    assert is_accepted(h.send(limit("a", "a1", SELL, 1, 11_000)))
+    assert h.send(limit("a", "a2", SELL, 1, 11_001)) == [OrderRejected(
+        h.now, "a", "a2", *check_price_band(11_001, 10_000, 1_000))]  # type: ignore[misc]
