@@ -329,6 +329,10 @@ class Engine(MatchSink):
         for trader_id, trader in self.traders.items():
             assert trader.account is self.ledger.accounts.get(trader_id), \
                 f"{trader_id}'s account is not its ledger account"
+            account = trader.account
+            assert account is None or account.cash_headroom < 0 or \
+                account.cash >= (1 << 62) + account.cash_headroom, \
+                f"{trader_id}'s cash headroom overstates its cash"
             exposure: dict[str, list[int]] = {}
             for client_order_id, order in trader.live_orders.items():
                 assert order.trader_id == trader_id and order.client_order_id == client_order_id

@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from unittest.mock import ANY
 
+import pytest
+
 from config import MONEY_SCALE
 from margin_risk_manager import MarginWatch, band_reach, exceeds
 from models import (
@@ -319,6 +321,18 @@ def test_the_cash_headroom_stays_a_lower_bound_through_payments() -> None:
     vast = Account("v", 10**20)
     vast.pay((1 << 61) + 1)  # more than the capped headroom, far less than the cash's
     assert vast.cash_headroom == cash_headroom(10**20 - (1 << 61) - 1) == 1 << 61
+
+
+def test_validate_fails_when_an_account_overstates_its_cash_headroom() -> None:
+    """The headroom is derived state kept in step by ``pay``: the engine's ``validate``,
+    run after every command in these tests, must catch it overstating the cash."""
+    h = margin_harness(initial_cash=10.0**12)
+    go_long_100_at_100(h)
+    account = h.engine.traders["L"].account
+    assert account is not None and account.cash_headroom >= 0  # a cash beyond machine ints
+    account.cash_headroom = account.cash
+    with pytest.raises(AssertionError, match="headroom overstates"):
+        h.engine.validate()
 
 
 def _exact_reach(spare: int, per_tick_cost: int) -> int:
