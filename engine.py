@@ -429,7 +429,11 @@ class Engine(MatchSink):
             if market.edges_centre != market.band_centre:
                 market.refresh_band_edges()
             if price < market.band_low or price > market.band_high:
-                return check_price_band(price, market.band_centre, market.band_bps)
+                # the named rule words the reject; should it ever disagree with the
+                # edges, the order still meets every check below rather than skipping them
+                reject = check_price_band(price, market.band_centre, market.band_bps)
+                if reject is not None:
+                    return reject
         margin = self.margin
         if margin.enabled:
             # once every symbol has traded, a mark is its market's band centre, the last
